@@ -1,0 +1,116 @@
+"""Composition root: builds the app from Settings; the model loads in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from tokenreward_service.batching import Batcher, BatcherConfig
+from tokenreward_service.config import Settings
+from tokenreward_service.metrics import Metrics
+from tokenreward_service.model import RewardModel, load_reward_model
+from tokenreward_service.routes import (
+    AppState,
+    MetricsMiddleware,
+    build_router,
+    install_error_handlers,
+)
+from tokenreward_service.serving import RewardService
+
+__all__ = ["create_app", "load_model"]
+
+log = logging.getLogger(__name__)
+
+RANDOM_MODEL_ID = "random-tiny-llama (RANDOM WEIGHTS: not a trained model)"
+
+
+def load_model(settings: Settings) -> RewardModel:
+    """The model named by the settings or, with none named, the embedded default."""
+    common = {
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "max_length": settings.max_length,
+        "suffix_ids": settings.suffix_ids,
+    }
+    if settings.model is not None:
+        return load_reward_model(settings.model, **common)  # type: ignore[arg-type]
+    from tokenreward_service.tiny import save_tiny_reward_model
+
+    log.warning(
+        "no --model given and no trained default is embedded: serving a tiny Llama reward model "
+        "with RANDOM WEIGHTS; its rewards mean nothing. Pass --model PATH to serve a real one."
+    )
+    with tempfile.TemporaryDirectory(prefix="tokenreward-random-") as folder:
+        save_tiny_reward_model(
+            folder, "llama", vocab_size=32000, hidden_size=64, max_positions=4096
+        )
+        return load_reward_model(
+            folder,
+            model_id=RANDOM_MODEL_ID,
+            random_weights=True,
+            **common,  # type: ignore[arg-type]
+        )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    model: RewardModel | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """Build the app. ``model`` is served as loaded (the loading settings, such as ``model``,
+    ``device`` or ``max_length``, are then unused); ``registry`` receives the metrics (a fresh
+    one by default, never the process-global one)."""
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    state = AppState(
+        metrics=metrics,
+        api_keys=list(settings.api_keys),
+        max_items=settings.max_items_per_request,
+        max_bytes=settings.max_request_bytes,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        reward_model = model if model is not None else await asyncio.to_thread(load_model, settings)
+        metrics.set_model(reward_model.spec)
+        batcher = Batcher(
+            reward_model,
+            BatcherConfig(
+                max_batch_tokens=settings.max_batch_tokens,
+                max_batch_size=settings.max_batch_size,
+                max_wait_s=settings.max_wait_ms / 1000.0,
+                max_queued_tokens=settings.max_queued_tokens,
+            ),
+            on_batch=metrics.observe_batch,
+            on_queue=metrics.observe_queue,
+        )
+        await batcher.start()
+        state.batcher_alive = lambda: batcher.alive
+        state.service = RewardService(
+            reward_model.spec, batcher, timeout_s=settings.request_timeout_s
+        )
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False  # draining: /readyz answers 503 while queued work finishes
+            await batcher.stop()
+
+    app = FastAPI(
+        title="tokenreward",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.include_router(build_router(state))
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.tokenreward = state
+    return app

@@ -1,0 +1,284 @@
+"""Async micro-batcher: items of concurrent requests share forward passes.
+
+Items wait in one queue. A scheduler task closes a batch when the queue holds a full padded-token
+budget, or after a short wait, whichever comes first; it anchors the batch on the oldest item
+(no starvation) and adds the items closest to it in length (little padding), under the budget
+(padded cost = longest x count) and a size cap. The forward pass runs on one dedicated thread, so
+the event loop keeps accepting, timing out and rejecting while the model works. Admission is
+bounded by queued tokens: past the bound a request is refused at once with
+:class:`~tokenreward_service.errors.Overloaded` rather than queued without limit.
+
+This module never imports FastAPI and raises domain errors only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from tokenreward_service.errors import (
+    DeadlineExceeded,
+    InternalError,
+    NotReady,
+    Overloaded,
+    TooLarge,
+)
+
+__all__ = ["BatchStats", "Batcher", "BatcherConfig", "Engine"]
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What the batcher needs of a model: per-position scores of each sequence."""
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 256
+    max_wait_s: float = 0.002
+    max_queued_tokens: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one forward pass did; handed to the ``on_batch`` observer (metrics)."""
+
+    size: int
+    real_tokens: int
+    padded_tokens: int
+    queue_wait_s: float
+    inference_s: float
+
+
+@dataclass(eq=False)
+class _Pending:
+    tokens: Sequence[int]
+    future: asyncio.Future[torch.Tensor]
+    enqueued: float
+    deadline: float
+    length: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.length = len(self.tokens)
+
+
+class Batcher:
+    """Schedules sequences into batches for one :class:`Engine` on one inference thread."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: BatcherConfig,
+        *,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_queue: Callable[[int, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._config = config
+        self._on_batch = on_batch
+        self._on_queue = on_queue
+        self._clock = clock
+        self._queue: list[_Pending] = []
+        self._queued_tokens = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = False
+        self._tokens_per_s = 0.0
+
+    @property
+    def alive(self) -> bool:
+        """True while the scheduler runs and accepts work."""
+        return self._task is not None and not self._task.done() and not self._closing
+
+    @property
+    def queued_items(self) -> int:
+        return len(self._queue)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenreward-infer")
+        self._task = asyncio.create_task(self._run(), name="tokenreward-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the scheduler and the inference thread."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    async def submit(
+        self, sequences: Sequence[Sequence[int]], *, timeout_s: float
+    ) -> list[torch.Tensor]:
+        """Score ``sequences`` (in order) and return each one's per-position scores.
+
+        All or nothing: the request is admitted whole or refused whole. Cancelling the caller
+        (a client that went away, a deadline) drops its items that are still queued.
+        """
+        if not self.alive:
+            raise NotReady("the batcher is not running")
+        tokens = sum(len(seq) for seq in sequences)
+        if tokens > self._config.max_queued_tokens:
+            raise TooLarge(
+                f"request holds {tokens} tokens, more than the queue bound "
+                f"({self._config.max_queued_tokens}); split it"
+            )
+        if self._queued_tokens + tokens > self._config.max_queued_tokens:
+            raise Overloaded(
+                f"queue full ({self._queued_tokens} tokens waiting)",
+                retry_after=self._retry_after(tokens),
+            )
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        pending = [_Pending(seq, loop.create_future(), now, now + timeout_s) for seq in sequences]
+        self._queue.extend(pending)
+        self._queued_tokens += tokens
+        self._report_queue()
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(p.future for p in pending)))
+        finally:
+            for p in pending:
+                if not p.future.done():
+                    p.future.cancel()
+
+    def _retry_after(self, tokens: int) -> int:
+        """Seconds until the queue has likely drained enough, from the observed throughput."""
+        rate = self._tokens_per_s or 10_000.0
+        return max(1, min(60, math.ceil((self._queued_tokens + tokens) / rate)))
+
+    def _report_queue(self) -> None:
+        if self._on_queue is not None:
+            self._on_queue(len(self._queue), self._queued_tokens)
+
+    def _drop(self, item: _Pending) -> None:
+        self._queued_tokens -= item.length
+
+    def _take_batch(self) -> list[_Pending]:
+        """Remove and return the next batch; expired and cancelled items are dropped on the way."""
+        now = self._clock()
+        live: list[_Pending] = []
+        for item in self._queue:
+            if item.future.done():  # caller gone
+                self._drop(item)
+            elif item.deadline <= now:
+                self._drop(item)
+                item.future.set_exception(
+                    DeadlineExceeded("the request waited past its deadline in the queue")
+                )
+            else:
+                live.append(item)
+        if not live:
+            self._queue = []
+            self._report_queue()
+            return []
+        anchor = live[0]  # the oldest: FIFO insertion order
+        by_length = sorted(live, key=lambda p: p.length)
+        position = by_length.index(anchor)
+        batch = [anchor]
+        longest = anchor.length
+        low, high = position - 1, position + 1
+        cfg = self._config
+        while len(batch) < cfg.max_batch_size:
+            # Take the neighbour (in length) that adds least padding; stop at the budget.
+            below = by_length[low] if low >= 0 else None
+            above = by_length[high] if high < len(by_length) else None
+            if below is None and above is None:
+                break
+            if above is not None and (
+                below is None or above.length - longest <= anchor.length - below.length
+            ):
+                candidate, high = above, high + 1
+            else:
+                assert below is not None
+                candidate, low = below, low - 1
+            new_longest = max(longest, candidate.length)
+            if new_longest * (len(batch) + 1) > cfg.max_batch_tokens:
+                break
+            batch.append(candidate)
+            longest = new_longest
+        chosen = set(map(id, batch))
+        self._queue = [p for p in live if id(p) not in chosen]
+        for item in batch:
+            self._drop(item)
+        self._report_queue()
+        return batch
+
+    def _ready_to_close(self, first_seen: float) -> bool:
+        if self._closing:
+            return True
+        longest = max((p.length for p in self._queue), default=0)
+        full = longest * len(self._queue) >= self._config.max_batch_tokens or (
+            len(self._queue) >= self._config.max_batch_size
+        )
+        return full or self._clock() - first_seen >= self._config.max_wait_s
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            first_seen = self._queue[0].enqueued  # the oldest item's wait counts, not ours
+            while not self._ready_to_close(first_seen):
+                self._wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    remaining = self._config.max_wait_s - (self._clock() - first_seen)
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=max(remaining, 0.0))
+            batch = self._take_batch()
+            if not batch:
+                continue
+            started = self._clock()
+            try:
+                scores = await loop.run_in_executor(
+                    self._executor, self._engine.score, [p.tokens for p in batch]
+                )
+            except Exception as exc:  # the model failed: fail this batch, keep serving
+                log.exception("forward pass failed for a batch of %d", len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(InternalError(f"forward pass failed: {exc}"))
+                continue
+            elapsed = self._clock() - started
+            for p, result in zip(batch, scores, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)
+            real = sum(p.length for p in batch)
+            if elapsed > 0:
+                rate = real / elapsed
+                self._tokens_per_s = (
+                    rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+                )
+            if self._on_batch is not None:
+                self._on_batch(
+                    BatchStats(
+                        size=len(batch),
+                        real_tokens=real,
+                        padded_tokens=max(p.length for p in batch) * len(batch),
+                        queue_wait_s=started - min(p.enqueued for p in batch),
+                        inference_s=elapsed,
+                    )
+                )

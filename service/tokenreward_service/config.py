@@ -1,0 +1,122 @@
+"""Settings: the only place that reads the environment.
+
+Every field is also a ``tokenreward serve`` flag (``--max-batch-tokens``) and an environment
+variable (``TOKENREWARD_MAX_BATCH_TOKENS``); the CLI builds its flags from this class, so a new
+setting is a new field here and nothing else. Flags win over the environment, which wins over
+the defaults. Each description states the trade-off the setting makes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Self
+
+Device = str
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Validated service settings. Build with ``Settings()`` (environment) or keyword overrides."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENREWARD_", extra="forbid", frozen=True, validate_default=True
+    )
+
+    model: str | None = Field(
+        default=None,
+        description="Path of a local Hugging Face sequence-classification reward model "
+        "(num_labels=1). Unset: the embedded default model.",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to bind. The default serves this machine only; use 0.0.0.0 in a "
+        "container or to serve the network (then set api_keys).",
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    device: Device = Field(
+        default="auto",
+        description="'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.",
+    )
+    dtype: DType = Field(
+        default="auto",
+        description="Weights dtype. 'auto' is bfloat16 on CUDA (fast, the head still runs in "
+        "float32) and float32 on CPU (exact, and bf16 is slow on most CPUs).",
+    )
+    max_length: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest sequence (prompt + response + suffix) accepted. Unset: the model's "
+        "own maximum. Longer items are refused, never truncated.",
+    )
+    suffix_ids: Annotated[list[int] | None, NoDecode] = Field(
+        default=None,
+        description="Token IDs the RM was trained to be read at after the response (e.g. EOS), "
+        "comma separated. Unset: the model folder's tokenreward.json, else none.",
+    )
+    max_batch_tokens: int = Field(
+        default=16384,
+        ge=1,
+        description="Padded-token budget of one forward pass (longest x count). Higher: more "
+        "throughput, more activation memory and latency per batch.",
+    )
+    max_batch_size: int = Field(
+        default=256, ge=1, description="Most items in one forward pass, whatever their length."
+    )
+    max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="How long a batch that is not full waits for more items. Higher: fuller "
+        "batches under light load, at that much added latency.",
+    )
+    max_queued_tokens: int = Field(
+        default=1_048_576,
+        ge=1,
+        description="Bound on tokens waiting for the model; past it requests get 429 at once. "
+        "Higher: absorbs bursts, but queued work waits longer.",
+    )
+    max_items_per_request: int = Field(
+        default=4096, ge=1, description="Most items in one request; more gets 413."
+    )
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest request body; more gets 413."
+    )
+    request_timeout_s: float = Field(
+        default=120.0,
+        gt=0.0,
+        description="Deadline of a request; queued work past it is dropped and answered 504.",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys, comma separated. When set, every route but /healthz and "
+        "/metrics needs 'Authorization: Bearer <key>'.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level of the service and of uvicorn."
+    )
+
+    @field_validator("api_keys", "suffix_ids", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+    @model_validator(mode="after")
+    def _keys_are_not_blank(self) -> Self:
+        if any(len(key) < 8 for key in self.api_keys):
+            raise ValueError("every API key must be at least 8 characters")
+        return self

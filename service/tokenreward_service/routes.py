@@ -1,0 +1,244 @@
+"""The HTTP edge: routes, authentication, body limits, and the one error shape.
+
+Only this module and :mod:`tokenreward_service.app` know FastAPI. Domain errors raised below
+become ``{"error": {"type", "message", "item"}}`` through :data:`tokenreward.protocol.ERROR_STATUS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tokenreward.protocol import ERROR_STATUS, ErrorBody, ErrorResponse, RewardRequest
+
+from tokenreward_service.errors import (
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    Overloaded,
+    ServiceError,
+    TooLarge,
+    Unauthorized,
+)
+from tokenreward_service.metrics import Metrics
+from tokenreward_service.serving import RewardService
+
+__all__ = ["AppState", "MetricsMiddleware", "build_router", "install_error_handlers"]
+
+JSON = "application/json"
+ROUTES = ("/v1/rewards", "/v1/model", "/healthz", "/readyz", "/metrics")
+
+
+class AppState:
+    """What the routes need; filled by the app's lifespan once the model is loaded."""
+
+    def __init__(
+        self, *, metrics: Metrics, api_keys: list[str], max_items: int, max_bytes: int
+    ) -> None:
+        self.metrics = metrics
+        self.api_keys = [key.encode() for key in api_keys]
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.service: RewardService | None = None
+        self.ready = False
+        self.batcher_alive: Callable[[], bool] = lambda: False
+
+    def require_service(self) -> RewardService:
+        if self.service is None or not self.ready:
+            raise NotReady("the model is not loaded yet, or the server is shutting down")
+        return self.service
+
+
+def error_response(error: ServiceError) -> Response:
+    body = ErrorResponse(error=ErrorBody(type=error.type, message=error.message, item=error.item))
+    headers: dict[str, str] = {}
+    if isinstance(error, Overloaded):
+        headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return Response(
+        orjson.dumps(body.model_dump(mode="json")),
+        status_code=ERROR_STATUS[error.type],
+        media_type=JSON,
+        headers=headers,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """One handler per domain base class, plus Starlette's own 404/405 and the last resort."""
+
+    async def on_service_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        return error_response(exc)
+
+    async def on_http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return error_response(NotFound("no such route"))
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed("method not allowed on this route"))
+        return error_response(InternalError(str(exc.detail)))
+
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
+        return error_response(InternalError(f"unexpected error: {type(exc).__name__}"))
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+class MetricsMiddleware:
+    """Counts every response by route and status and times it; pure ASGI, no body buffering."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+            if status >= 400:
+                self.metrics.errors.labels(_error_type(status)).inc()
+
+
+def _error_type(status: int) -> str:
+    for error_type, code in ERROR_STATUS.items():
+        if code == status:
+            return error_type.value
+    return "client_closed" if status == 499 else "other"
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_reward_request(body: bytes, max_items: int) -> RewardRequest:
+    """Bytes to a validated request; the error names the first offending item."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    if (
+        isinstance(raw, dict)
+        and isinstance(raw.get("items"), list)
+        and len(raw["items"]) > max_items
+    ):
+        raise TooLarge(f"{len(raw['items'])} items in one request; the limit is {max_items}")
+    try:
+        return RewardRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = first["loc"]
+        item = loc[1] if len(loc) >= 2 and loc[0] == "items" and isinstance(loc[1], int) else None
+        where = ".".join(str(part) for part in loc) or "body"
+        raise InvalidRequest(f"{where}: {first['msg']}", item=item) from None
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_router(state: AppState) -> APIRouter:
+    async def require_key(request: Request) -> None:
+        if not state.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(
+            hmac.compare_digest(given, key) for key in state.api_keys
+        ):
+            raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
+
+    guarded = [Depends(require_key)]
+    router = APIRouter()
+
+    @router.post("/v1/rewards", dependencies=guarded)
+    async def rewards(request: Request) -> Response:
+        service = state.require_service()
+        body = await _read_body(request, state.max_bytes)
+        reward_request = parse_reward_request(body, state.max_items)
+        result = await _unless_disconnected(service.rewards(reward_request), request.receive)
+        if result is None:  # the client went away; its queued items were dropped
+            return Response(status_code=499)
+        state.metrics.items.inc(len(result.results))
+        return Response(orjson.dumps(result.model_dump(mode="json")), media_type=JSON)
+
+    @router.get("/v1/model", dependencies=guarded)
+    async def model_info() -> Response:
+        info = state.require_service().model_info()
+        return Response(orjson.dumps(info.model_dump(mode="json")), media_type=JSON)
+
+    @router.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type=JSON)
+
+    @router.get("/readyz", dependencies=guarded)
+    async def readyz() -> Response:
+        state.require_service()
+        if not state.batcher_alive():
+            raise NotReady("the batcher is not running")
+        return Response(b'{"status":"ready"}', media_type=JSON)
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+async def _unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
+    """Run ``work`` unless the client disconnects first; then cancel it (dropping its queued
+    items) and return None."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    return None

@@ -1,0 +1,143 @@
+"""The serving layer: wire requests in, per-token rewards out, no HTTP.
+
+It checks each item against the loaded model (vocabulary, length, baseline), lays out
+``prompt | response | suffix``, sends the sequences through the batcher, and redistributes the
+prefix scores with the request's ``beta_c`` and ``baseline``. Errors are domain errors naming
+the offending item; the HTTP edge maps them to statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import torch
+from tokenreward.protocol import (
+    ModelInfo,
+    ModelRef,
+    RewardItem,
+    RewardRequest,
+    RewardResponse,
+    RewardResult,
+)
+
+from tokenreward_service.batching import Batcher
+from tokenreward_service.errors import DeadlineExceeded, InternalError, InvalidRequest
+from tokenreward_service.model import ModelSpec
+from tokenreward_service.redistribution import redistribute
+
+__all__ = ["RewardService"]
+
+
+class RewardService:
+    """Adapts the wire protocol to the batcher and the redistribution math."""
+
+    def __init__(self, spec: ModelSpec, batcher: Batcher, *, timeout_s: float) -> None:
+        self.spec = spec
+        self._batcher = batcher
+        self._timeout_s = timeout_s
+        self._ref = ModelRef(id=spec.id, revision=spec.revision)
+
+    def model_info(self) -> ModelInfo:
+        s = self.spec
+        return ModelInfo(
+            id=s.id,
+            revision=s.revision,
+            architecture=s.architecture,
+            vocab_size=s.vocab_size,
+            max_length=s.max_length,
+            dtype=s.dtype,
+            device=s.device,
+            suffix_ids=list(s.suffix_ids),
+            random_weights=s.random_weights,
+        )
+
+    def _suffix_for(self, item: RewardItem) -> tuple[int, ...]:
+        """The suffix to append: none when the response already ends with it (e.g. the EOS that
+        the policy generated), so that it is never read twice."""
+        suffix = self.spec.suffix_ids
+        if suffix and tuple(item.response_ids[-len(suffix) :]) == suffix:
+            return ()
+        return suffix
+
+    def layout(self, request: RewardRequest) -> list[list[int]]:
+        """Check every item and return its full token sequence; the first bad item is named."""
+        vocab = self.spec.vocab_size
+        sequences: list[list[int]] = []
+        for index, item in enumerate(request.items):
+            if request.baseline == "prompt" and not item.prompt_ids:
+                raise InvalidRequest(
+                    "prompt_ids is empty, but baseline 'prompt' reads the score at the last "
+                    "prompt token; send a prompt or use baseline 'zero'",
+                    item=index,
+                )
+            for name, ids in (("prompt_ids", item.prompt_ids), ("response_ids", item.response_ids)):
+                if ids and (min(ids) < 0 or max(ids) >= vocab):
+                    bad = next(t for t in ids if not 0 <= t < vocab)
+                    raise InvalidRequest(
+                        f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})",
+                        item=index,
+                    )
+            suffix = self._suffix_for(item)
+            sequence = [*item.prompt_ids, *item.response_ids, *suffix]
+            if len(sequence) > self.spec.max_length:
+                raise InvalidRequest(
+                    f"sequence of {len(sequence)} tokens (prompt {len(item.prompt_ids)}, response "
+                    f"{len(item.response_ids)}, suffix {len(suffix)}) exceeds the maximum length "
+                    f"{self.spec.max_length}; it is not truncated",
+                    item=index,
+                )
+            sequences.append(sequence)
+        return sequences
+
+    async def rewards(self, request: RewardRequest) -> RewardResponse:
+        sequences = self.layout(request)
+        try:
+            scores = await asyncio.wait_for(
+                self._batcher.submit(sequences, timeout_s=self._timeout_s), self._timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"the request did not finish within its {self._timeout_s:g} s deadline"
+            ) from None
+        return self._results(request, sequences, scores)
+
+    def _results(
+        self, request: RewardRequest, sequences: Sequence[Sequence[int]], scores: list[torch.Tensor]
+    ) -> RewardResponse:
+        width = max(len(seq) for seq in sequences)
+        padded = torch.zeros((len(scores), width), dtype=torch.float32)
+        for row, row_scores in enumerate(scores):
+            padded[row, : row_scores.shape[0]] = row_scores
+        items = request.items
+        out = redistribute(
+            padded,
+            torch.tensor([len(it.prompt_ids) for it in items]),
+            torch.tensor([len(it.response_ids) for it in items]),
+            torch.tensor([len(seq) for seq in sequences]),
+            beta_c=request.beta_c,
+            baseline=request.baseline,
+        )
+        finite = torch.isfinite(torch.where(out.response_mask, out.token_rewards, 0.0)).all(dim=1)
+        finite &= torch.isfinite(out.score)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            raise InternalError("the model produced a non-finite score", item=bad)
+        rewards = out.token_rewards.tolist()
+        prefixes = out.prefix_scores.tolist() if request.return_prefix_scores else None
+        score = out.score.tolist()
+        prompt_score = out.prompt_score.tolist()
+        results = []
+        for row, item in enumerate(items):
+            n = len(item.response_ids)
+            p = prompt_score[row]
+            results.append(
+                RewardResult(
+                    id=item.id,
+                    token_rewards=rewards[row][:n],
+                    score=score[row],
+                    prompt_score=None if p != p else p,  # NaN: empty prompt
+                    prefix_scores=None if prefixes is None else prefixes[row][:n],
+                )
+            )
+        return RewardResponse(model=self._ref, results=results)

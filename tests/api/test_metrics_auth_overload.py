@@ -1,0 +1,183 @@
+"""Metrics move with traffic; API keys guard what they should; overload answers 429 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from tokenreward_service.config import Settings
+from tokenreward_service.model import RewardModel
+
+from tests.support import LiveServer
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_move_after_traffic(server: LiveServer) -> None:
+    before = _samples(httpx.get(f"{server.url}/metrics").text)
+    body = {"items": [{"prompt_ids": [1, 2, 3], "response_ids": [4, 5, 6, 7]}] * 3}
+    assert httpx.post(f"{server.url}/v1/rewards", json=body).status_code == 200
+    assert httpx.post(f"{server.url}/v1/rewards", json={"items": []}).status_code == 422
+    after = _samples(httpx.get(f"{server.url}/metrics").text)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("tokenreward_requests_total", route="/v1/rewards", status="200") == 1
+    assert delta("tokenreward_requests_total", route="/v1/rewards", status="422") == 1
+    assert delta("tokenreward_request_duration_seconds_count", route="/v1/rewards") == 2
+    assert delta("tokenreward_errors_total", type="invalid_request") == 1
+    assert delta("tokenreward_items_total") == 3
+    assert delta("tokenreward_tokens_total", kind="real") == 21
+    assert delta("tokenreward_tokens_total", kind="padded") >= 21
+    assert delta("tokenreward_batch_size_count") >= 1
+    assert delta("tokenreward_batch_size_sum") == 3
+    assert delta("tokenreward_inference_duration_seconds_count") >= 1
+    assert ("tokenreward_queue_items", ()) in after
+    assert ("tokenreward_queue_tokens", ()) in after
+    info = [k for k in after if k[0] == "tokenreward_model_info"]
+    assert len(info) == 1
+    assert ("random_weights", "false") in info[0][1]
+
+
+def test_api_keys_guard_every_route_but_health_and_metrics(llama: RewardModel) -> None:
+    key = "s3cret-key-123"
+    with LiveServer(Settings(api_keys=[key, "another-key-456"]), model=llama) as server:
+        body = {"items": [{"prompt_ids": [1], "response_ids": [2]}]}
+        for method, path in [("POST", "/v1/rewards"), ("GET", "/v1/model"), ("GET", "/readyz")]:
+            for headers in [{}, {"Authorization": "Bearer wrong-key-0000"}, {"Authorization": key}]:
+                response = httpx.request(method, server.url + path, json=body, headers=headers)
+                assert response.status_code == 401, (path, headers)
+                assert response.json()["error"]["type"] == "unauthorized"
+                assert response.headers["www-authenticate"] == "Bearer"
+            for good in (key, "another-key-456"):
+                ok = httpx.request(
+                    method,
+                    server.url + path,
+                    json=body,
+                    headers={"Authorization": f"Bearer {good}"},
+                )
+                assert ok.status_code == 200, (path, ok.text)
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+class GatedModel:
+    """The real model, held at the start of each forward pass until the test opens the gate, so
+    that the queue fills deterministically (a tiny model's forward is too quick to race)."""
+
+    def __init__(self, model: RewardModel) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.gate = threading.Event()
+        self.seen: list[int] = []  # lengths of the sequences that reached the model
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        assert self.gate.wait(30)
+        self.seen.extend(len(s) for s in sequences)
+        return self.model.score(sequences)
+
+
+def test_overload_answers_429_with_retry_after_and_recovers(llama: RewardModel) -> None:
+    gated = GatedModel(llama)
+    settings = Settings(max_queued_tokens=100, max_batch_size=1, max_wait_ms=0)
+    item = {"prompt_ids": [1] * 20, "response_ids": [2] * 20}  # 40 tokens
+    with LiveServer(settings, model=gated) as server:  # type: ignore[arg-type]
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                first = asyncio.ensure_future(
+                    client.post("/v1/rewards", json={"items": [item, item]})
+                )
+                await asyncio.sleep(0.3)  # one item in the (held) forward pass, one queued
+                refused = await client.post("/v1/rewards", json={"items": [item, item]})
+                assert refused.status_code == 429
+                assert refused.json()["error"]["type"] == "overloaded"
+                assert int(refused.headers["retry-after"]) >= 1
+                too_big = await client.post("/v1/rewards", json={"items": [item, item, item]})
+                assert too_big.status_code == 413  # could never fit: retrying would not help
+                gated.gate.set()
+                assert (await first).status_code == 200
+                again = await client.post("/v1/rewards", json={"items": [item, item]})
+                assert again.status_code == 200
+
+        asyncio.run(scenario())
+
+
+def test_readyz_and_model_info(server: LiveServer) -> None:
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    info = httpx.get(f"{server.url}/v1/model").json()
+    assert info["architecture"] == "LlamaForSequenceClassification"
+    assert info["vocab_size"] == 128
+    assert info["max_length"] == 200
+    assert info["dtype"] == "float32"
+    assert info["device"] == "cpu"
+    assert info["random_weights"] is False
+    assert info["revision"].startswith("sha256:")
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_body_limit_holds_without_content_length(server: LiveServer, chunked: bool) -> None:
+    payload = b'{"items": [{"prompt_ids": [' + b"5," * 40000 + b'5], "response_ids": [6]}]}'
+    content = (
+        iter([payload[i : i + 4096] for i in range(0, len(payload), 4096)]) if chunked else payload
+    )
+    response = httpx.post(f"{server.url}/v1/rewards", content=content)
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "too_large"
+
+
+def test_work_past_its_deadline_answers_504(llama: RewardModel) -> None:
+    gated = GatedModel(llama)
+    settings = Settings(max_batch_size=1, max_wait_ms=0, request_timeout_s=0.5)
+    with LiveServer(settings, model=gated) as server:  # type: ignore[arg-type]
+        body = {"items": [{"prompt_ids": [1, 2], "response_ids": [3]}]}
+        late = httpx.post(f"{server.url}/v1/rewards", json=body, timeout=60)  # held past deadline
+        assert late.status_code == 504
+        assert late.json()["error"]["type"] == "timeout"
+        gated.gate.set()
+        assert httpx.post(f"{server.url}/v1/rewards", json=body, timeout=60).status_code == 200
+
+
+def test_a_vanished_client_s_queued_items_never_run(llama: RewardModel) -> None:
+    gated = GatedModel(llama)
+    settings = Settings(max_batch_size=1, max_wait_ms=0, request_timeout_s=60)
+    with LiveServer(settings, model=gated) as server:  # type: ignore[arg-type]
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                busy = asyncio.ensure_future(
+                    client.post(
+                        "/v1/rewards", json={"items": [{"prompt_ids": [1], "response_ids": [3]}]}
+                    )
+                )
+                await asyncio.sleep(0.2)  # its item is in the held forward pass
+                async with httpx.AsyncClient(base_url=server.url, timeout=0.3) as impatient:
+                    body = {
+                        "items": [{"prompt_ids": [1] * 7, "response_ids": [3] * 7}]
+                    }  # 14 tokens
+                    with pytest.raises(httpx.ReadTimeout):
+                        await impatient.post("/v1/rewards", json=body)  # then hangs up
+                await asyncio.sleep(0.2)
+                gated.gate.set()
+                assert (await busy).status_code == 200
+                ok = await client.post(
+                    "/v1/rewards", json={"items": [{"prompt_ids": [1], "response_ids": [2]}]}
+                )
+                assert ok.status_code == 200
+
+        asyncio.run(scenario())
+    assert gated.seen == [2, 2]  # the 14-token item was dropped when its client went away

@@ -1,0 +1,220 @@
+"""The batcher's policy, driven by a recording engine.
+
+The engine here is a stand-in for the model (it returns the running sum of the token IDs, which
+is exact and identifies each sequence) so the scheduling decisions can be checked one by one;
+the real model goes through the same batcher in tests/api.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+import torch
+from tokenreward_service.batching import Batcher, BatcherConfig, BatchStats
+from tokenreward_service.errors import (
+    DeadlineExceeded,
+    InternalError,
+    NotReady,
+    Overloaded,
+    TooLarge,
+)
+
+
+class RecordingEngine:
+    def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []  # lengths per batch
+        self.delay_s = delay_s
+        self.gate = gate
+        self.fail_next = False
+        self.thread_names: set[str] = set()
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        self.thread_names.add(threading.current_thread().name)
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self.batches.append([len(s) for s in sequences])
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        return [torch.cumsum(torch.tensor(s, dtype=torch.float32), 0) for s in sequences]
+
+
+def seq(n: int, start: int = 1) -> list[int]:
+    return list(range(start, start + n))
+
+
+async def started(engine: RecordingEngine, **cfg: float) -> Batcher:
+    batcher = Batcher(engine, BatcherConfig(**cfg))  # type: ignore[arg-type]
+    await batcher.start()
+    return batcher
+
+
+def test_results_come_back_in_order_for_each_caller() -> None:
+    async def main() -> None:
+        engine = RecordingEngine()
+        batcher = await started(engine, max_wait_s=0.01)
+        requests = [[seq(n, start=r * 100) for n in (5, 1, 9)] for r in range(4)]
+        results = await asyncio.gather(*(batcher.submit(r, timeout_s=5) for r in requests))
+        for request, result in zip(requests, results, strict=True):
+            for sequence, scores in zip(request, result, strict=True):
+                assert (
+                    scores.tolist()
+                    == torch.cumsum(torch.tensor(sequence, dtype=torch.float32), 0).tolist()
+                )
+        assert sum(len(b) for b in engine.batches) == 12
+        assert len(engine.batches) < 12  # concurrent requests shared forward passes
+        assert engine.thread_names == {"tokenreward-infer_0"}
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_budget_and_size_cap_bound_every_batch() -> None:
+    async def main() -> None:
+        engine = RecordingEngine()
+        stats: list[BatchStats] = []
+        batcher = Batcher(
+            engine,
+            BatcherConfig(max_batch_tokens=64, max_batch_size=5, max_wait_s=0.05),
+            on_batch=stats.append,
+        )
+        await batcher.start()
+        lengths = [3, 30, 7, 16, 2, 2, 2, 2, 2, 2, 2, 9, 31, 100]
+        await batcher.submit([seq(n) for n in lengths], timeout_s=5)
+        for batch in engine.batches:
+            assert len(batch) <= 5
+            assert max(batch) * len(batch) <= 64 or len(batch) == 1  # alone may exceed
+        assert sorted(n for b in engine.batches for n in b) == sorted(lengths)
+        assert [s.size for s in stats] == [len(b) for b in engine.batches]
+        assert all(s.padded_tokens >= s.real_tokens for s in stats)
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_items_of_similar_length_share_a_batch() -> None:
+    async def main() -> None:
+        engine = RecordingEngine()
+        batcher = await started(engine, max_batch_tokens=40, max_wait_s=0.05)
+        await batcher.submit([seq(n) for n in (10, 2, 10, 2, 10, 2, 10, 2)], timeout_s=5)
+        # Sorted by length: the four 10s fill one budget, the 2s another; no 10 pads a 2.
+        assert sorted(map(sorted, engine.batches)) == [[2, 2, 2, 2], [10, 10, 10, 10]]
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_overload_is_refused_at_once_and_too_large_is_not_retryable() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        engine = RecordingEngine(gate=gate)
+        batcher = await started(engine, max_queued_tokens=100, max_batch_size=1, max_wait_s=0)
+        first = asyncio.ensure_future(batcher.submit([seq(40), seq(40)], timeout_s=5))
+        await asyncio.sleep(0.05)  # one item is in the forward pass (gated), one still queued
+        assert batcher.queued_tokens == 40
+        with pytest.raises(Overloaded) as info:
+            await batcher.submit([seq(61)], timeout_s=5)
+        assert info.value.retry_after >= 1
+        with pytest.raises(TooLarge):
+            await batcher.submit([seq(101)], timeout_s=5)
+        ok = asyncio.ensure_future(batcher.submit([seq(60)], timeout_s=5))  # exactly fits
+        gate.set()
+        assert len(await first) == 2
+        assert len(await ok) == 1
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_cancelled_callers_items_are_dropped_before_inference() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        engine = RecordingEngine(gate=gate)
+        batcher = await started(engine, max_batch_size=1, max_wait_s=0)
+        busy = asyncio.ensure_future(batcher.submit([seq(3)], timeout_s=5))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(batcher.submit([seq(77), seq(78)], timeout_s=5))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        gate.set()
+        await busy
+        await batcher.submit([seq(4)], timeout_s=5)
+        assert [n for b in engine.batches for n in b] == [3, 4]  # 77 and 78 never ran
+        assert batcher.queued_tokens == 0
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_work_past_its_deadline_is_dropped_with_timeout() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        engine = RecordingEngine(gate=gate)
+        batcher = await started(engine, max_batch_size=1, max_wait_s=0)
+        busy = asyncio.ensure_future(batcher.submit([seq(3)], timeout_s=5))
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(batcher.submit([seq(9)], timeout_s=0.01))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await busy
+        with pytest.raises(DeadlineExceeded):
+            await late
+        assert [n for b in engine.batches for n in b] == [3]
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_a_failed_forward_fails_its_batch_only() -> None:
+    async def main() -> None:
+        engine = RecordingEngine()
+        batcher = await started(engine, max_wait_s=0)
+        engine.fail_next = True
+        with pytest.raises(InternalError, match="boom"):
+            await batcher.submit([seq(3)], timeout_s=5)
+        assert len(await batcher.submit([seq(3)], timeout_s=5)) == 1
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_the_event_loop_keeps_running_during_the_forward_pass() -> None:
+    async def main() -> None:
+        engine = RecordingEngine(delay_s=0.3)
+        batcher = await started(engine, max_wait_s=0)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.ensure_future(ticker())
+        await batcher.submit([seq(3)], timeout_s=5)
+        task.cancel()
+        assert ticks >= 10  # a forward on the loop would have frozen the ticker for 0.3 s
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_finishes_queued_work_then_refuses() -> None:
+    async def main() -> None:
+        engine = RecordingEngine(delay_s=0.05)
+        batcher = await started(engine, max_batch_size=1, max_wait_s=0)
+        pending = asyncio.ensure_future(batcher.submit([seq(2), seq(3), seq(4)], timeout_s=5))
+        await asyncio.sleep(0.01)
+        await batcher.stop()
+        assert len(await pending) == 3
+        assert not batcher.alive
+        with pytest.raises(NotReady):
+            await batcher.submit([seq(2)], timeout_s=5)
+
+    asyncio.run(main())
