@@ -3,7 +3,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+import hypothesis  # noqa: F401  (imported up front: its pytest plugin otherwise imports it late,
+import pytest  # inside a hook, where CPython 3.11.7's parser can fail with "AST constructor
+
+#                recursion depth mismatch")
 from tokenreward_service.model import RewardModel, load_reward_model
 from tokenreward_service.tiny import save_tiny_reward_model
 

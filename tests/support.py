@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import torch
 import uvicorn
+
 from tokenreward_service.app import create_app
 from tokenreward_service.config import Settings
 from tokenreward_service.model import RewardModel

@@ -18,8 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from tokenreward.protocol import ERROR_STATUS, ErrorBody, ErrorResponse, RewardRequest
 
+from tokenreward.protocol import ERROR_STATUS, ErrorBody, ErrorResponse, RewardRequest
 from tokenreward_service.errors import (
     InternalError,
     InvalidRequest,

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Sequence
 
 import torch
+
 from tokenreward.protocol import (
     ModelInfo,
     ModelRef,
@@ -20,7 +21,6 @@ from tokenreward.protocol import (
     RewardResponse,
     RewardResult,
 )
-
 from tokenreward_service.batching import Batcher
 from tokenreward_service.errors import DeadlineExceeded, InternalError, InvalidRequest
 from tokenreward_service.model import ModelSpec

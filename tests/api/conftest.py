@@ -4,10 +4,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tokenreward_service.config import Settings
-from tokenreward_service.model import load_reward_model
 
 from tests.support import LiveServer
+from tokenreward_service.config import Settings
+from tokenreward_service.model import load_reward_model
 
 
 @pytest.fixture(scope="module")

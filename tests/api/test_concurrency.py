@@ -8,10 +8,10 @@ import random
 from typing import Any
 
 import httpx
-from tokenreward_service.config import Settings
-from tokenreward_service.model import RewardModel
 
 from tests.support import LiveServer
+from tokenreward_service.config import Settings
+from tokenreward_service.model import RewardModel
 
 
 def _requests(n: int, seed: int = 11) -> list[dict[str, Any]]:

@@ -10,10 +10,10 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from tokenreward_service.config import Settings
-from tokenreward_service.model import RewardModel
 
 from tests.support import LiveServer
+from tokenreward_service.config import Settings
+from tokenreward_service.model import RewardModel
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

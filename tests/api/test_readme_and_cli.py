@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tokenreward_service.cli import build_parser
-from tokenreward_service.config import Settings
 
 from tests.support import free_port, serve_process
+from tokenreward_service.cli import build_parser
+from tokenreward_service.config import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

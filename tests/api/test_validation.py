@@ -7,9 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
-from tokenreward.protocol import ErrorResponse
 
 from tests.support import LiveServer
+from tokenreward.protocol import ErrorResponse
 
 GOOD = {"id": "ok", "prompt_ids": [5, 6, 7], "response_ids": [8, 9]}
 

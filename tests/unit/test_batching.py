@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+
 from tokenreward_service.batching import Batcher, BatcherConfig, BatchStats
 from tokenreward_service.errors import (
     DeadlineExceeded,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tokenreward_service.redistribution import redistribute
 
 finite = st.floats(min_value=-50, max_value=50, allow_nan=False, allow_infinity=False)

@@ -1,0 +1,424 @@
+"""Everything the two clients share that does no I/O.
+
+Building request bodies, splitting big submissions into chunks, choosing endpoints, deciding
+whether and when to retry, and turning responses into results or typed errors all live here;
+:class:`~tokenreward.RewardClient` and :class:`~tokenreward.AsyncRewardClient` only send bytes
+and sleep. That keeps the twins identical in behaviour and makes the policy testable without
+a network.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from tokenreward._errors import (
+    BY_STATUS,
+    BY_TYPE,
+    APIError,
+    BadResponseError,
+    ConnectionFailedError,
+    DeadlineExceededError,
+    InternalServerError,
+    OverloadedError,
+    RewardClientError,
+)
+from tokenreward.protocol import (
+    Baseline,
+    ErrorResponse,
+    RewardItem,
+    RewardRequest,
+    RewardResponse,
+    RewardResult,
+)
+
+__all__ = ["EndpointPool", "ItemLike", "RetryPolicy"]
+
+ItemLike = RewardItem | Sequence[Any] | Mapping[str, Any]
+"""A :class:`RewardItem`, a ``(prompt_ids, response_ids)`` pair, or a mapping of its fields."""
+
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+"""Overloaded, bad gateway, not ready, server-side timeout: all transient. A 500 is not: the
+same item would fail again. 4xx other than 429 never are."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential back-off with jitter, honouring the server's ``Retry-After``."""
+
+    max_attempts: int = 10
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+    jitter: float = 0.5
+    """Fraction of each delay drawn at random, so that many clients do not retry in step."""
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 0)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * 2.0**attempt)
+        delay = base * (1.0 - self.jitter * rng.random())
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, 60.0))
+        return delay
+
+
+@dataclass(eq=False)
+class Endpoint:
+    url: str
+    in_flight: int = 0
+    failures: int = 0
+    down_until: float = 0.0
+
+
+class EndpointPool:
+    """Replicas of the service; each request goes to the healthy one with fewest in flight.
+
+    An endpoint that fails at the connection level or answers 5xx is set aside for a back-off
+    that doubles with each consecutive failure; once it has passed, the endpoint is probed by
+    real traffic again. When all are set aside, the one due back first is tried. Thread-safe:
+    the sync client sends chunks from several threads.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one base URL is needed")
+        self.endpoints = [Endpoint(url.rstrip("/")) for url in urls]
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._turn = 0
+
+    def acquire(self, avoid: Endpoint | None = None) -> Endpoint:
+        with self._lock:
+            now = self._clock()
+            healthy = [e for e in self.endpoints if e.down_until <= now]
+            if avoid is not None and len(healthy) > 1:
+                healthy = [e for e in healthy if e is not avoid] or healthy
+            if healthy:
+                least = min(e.in_flight for e in healthy)
+                tied = [e for e in healthy if e.in_flight == least]
+                self._turn += 1
+                chosen = tied[self._turn % len(tied)]
+            else:
+                chosen = min(self.endpoints, key=lambda e: e.down_until)
+            chosen.in_flight += 1
+            return chosen
+
+    def release(self, endpoint: Endpoint, *, failed: bool) -> None:
+        with self._lock:
+            endpoint.in_flight -= 1
+            if failed:
+                endpoint.failures += 1
+                backoff = self._backoff_s * 2.0 ** (endpoint.failures - 1)
+                endpoint.down_until = self._clock() + min(self._max_backoff_s, backoff)
+            else:
+                endpoint.failures = 0
+                endpoint.down_until = 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A slice of the caller's items sent as one request, with its encoded body."""
+
+    items: range
+    body: bytes
+    request_id: str
+    ids: tuple[str | None, ...]
+
+
+@dataclass
+class Outcome:
+    """What one attempt gave: results, or an error with what to do about it."""
+
+    results: list[RewardResult] | None = None
+    revision: str | None = None
+    content: bytes | None = None
+    """The raw body of a successful GET."""
+    error: RewardClientError | None = None
+    retryable: bool = False
+    endpoint_failed: bool = False
+    retry_after: float | None = None
+
+
+@dataclass
+class CallState:
+    """Progress of one ``rewards`` call across its chunks."""
+
+    deadline: float
+    results: list[RewardResult | None]
+    revisions: set[str] = field(default_factory=set)
+
+
+def to_item(value: ItemLike, index: int) -> RewardItem:
+    """Accept the shapes a trainer has at hand; token IDs may be lists, tuples, numpy arrays or
+    tensors (anything with ``tolist``)."""
+    if isinstance(value, RewardItem):
+        return value
+    if isinstance(value, Mapping):
+        data = dict(value)
+    elif isinstance(value, Sequence) and len(value) == 2 and not isinstance(value, str | bytes):
+        data = {"prompt_ids": value[0], "response_ids": value[1]}
+    else:
+        raise TypeError(
+            f"item {index}: expected a RewardItem, a (prompt_ids, response_ids) pair or a mapping, "
+            f"got {type(value).__name__}"
+        )
+    for key in ("prompt_ids", "response_ids"):
+        ids = data.get(key)
+        if ids is not None and not isinstance(ids, list):
+            data[key] = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    try:
+        return RewardItem.model_validate(data)
+    except ValidationError as exc:
+        raise TypeError(f"item {index}: {exc.errors(include_url=False)[0]['msg']}") from None
+
+
+class BaseRewardClient:
+    """Configuration and pure logic of both clients."""
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        request_timeout: float = 120.0,
+        max_items_per_request: int = 512,
+        max_bytes_per_request: int = 4 * 1024 * 1024,
+        max_concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+        endpoint_backoff_s: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        self.pool = EndpointPool(urls, backoff_s=endpoint_backoff_s)
+        self.api_key = api_key
+        self.timeout = timeout
+        self.request_timeout = request_timeout
+        self.max_items_per_request = max_items_per_request
+        self.max_bytes_per_request = max_bytes_per_request
+        self.max_concurrency = max_concurrency
+        self.retry = retry or RetryPolicy()
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+
+    # -- building requests -------------------------------------------------------------------
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def plan(
+        self,
+        items: Sequence[ItemLike],
+        *,
+        beta_c: float,
+        baseline: Baseline,
+        return_prefix_scores: bool,
+    ) -> list[Chunk]:
+        """Split ``items`` into requests under the item and byte caps, in order."""
+        if not items:
+            return []
+        normalised = [to_item(value, index) for index, value in enumerate(items)]
+        chunks: list[Chunk] = []
+        start = 0
+        size = 0
+        for index, item in enumerate(normalised):
+            # Upper bound of the item's JSON size: up to 7 characters and a comma per token id.
+            estimate = 64 + len(item.id or "") + 8 * (len(item.prompt_ids) + len(item.response_ids))
+            full = index - start >= self.max_items_per_request
+            if index > start and (full or size + estimate > self.max_bytes_per_request):
+                chunks.append(
+                    self._chunk(
+                        normalised, range(start, index), beta_c, baseline, return_prefix_scores
+                    )
+                )
+                start, size = index, 0
+            size += estimate
+        chunks.append(
+            self._chunk(
+                normalised, range(start, len(normalised)), beta_c, baseline, return_prefix_scores
+            )
+        )
+        return chunks
+
+    def _chunk(
+        self,
+        items: list[RewardItem],
+        span: range,
+        beta_c: float,
+        baseline: Baseline,
+        return_prefix_scores: bool,
+    ) -> Chunk:
+        request = RewardRequest(
+            items=items[span.start : span.stop],
+            beta_c=beta_c,
+            baseline=baseline,
+            return_prefix_scores=return_prefix_scores,
+        )
+        return Chunk(
+            items=span,
+            body=request.model_dump_json().encode(),
+            request_id=uuid.uuid4().hex,
+            ids=tuple(items[i].id for i in span),
+        )
+
+    def new_call(self, count: int, timeout: float | None) -> CallState:
+        return CallState(
+            deadline=time.monotonic() + (self.timeout if timeout is None else timeout),
+            results=[None] * count,
+        )
+
+    # -- reading responses -------------------------------------------------------------------
+
+    def outcome(
+        self,
+        method: str,
+        status: int,
+        content: bytes,
+        headers: Mapping[str, str],
+        chunk: Chunk,
+        url: str,
+    ) -> Outcome:
+        """Turn one HTTP answer into results or a classified error."""
+        if status == 200 and method == "GET":
+            return Outcome(content=content)
+        if status == 200:
+            try:
+                parsed = RewardResponse.model_validate_json(content)
+            except ValidationError as exc:
+                return Outcome(
+                    error=BadResponseError(
+                        f"{url} answered 200 with an invalid body: {exc}", items=chunk.items
+                    )
+                )
+            if len(parsed.results) != len(chunk.items):
+                return Outcome(
+                    error=BadResponseError(
+                        f"{url} returned {len(parsed.results)} results "
+                        f"for {len(chunk.items)} items",
+                        items=chunk.items,
+                    )
+                )
+            for sent, result in zip(chunk.ids, parsed.results, strict=True):
+                if result.id != sent:
+                    return Outcome(
+                        error=BadResponseError(
+                            f"{url} returned id {result.id!r} where {sent!r} was sent",
+                            items=chunk.items,
+                        )
+                    )
+            return Outcome(results=list(parsed.results), revision=parsed.model.revision)
+        error = self.api_error(status, content, headers, chunk, url)
+        retryable = status in RETRYABLE_STATUSES
+        return Outcome(
+            error=error,
+            retryable=retryable,
+            endpoint_failed=status >= 500,
+            retry_after=error.retry_after if isinstance(error, OverloadedError) else None,
+        )
+
+    def api_error(
+        self, status: int, content: bytes, headers: Mapping[str, str], chunk: Chunk, url: str
+    ) -> APIError:
+        """Map the wire error shape first, the status second."""
+        item: int | None = None
+        try:
+            body = ErrorResponse.model_validate_json(content).error
+            cls = BY_TYPE[body.type]
+            message = body.message
+            if body.item is not None:
+                item = chunk.items.start + body.item
+        except ValidationError:
+            cls = BY_STATUS.get(status, APIError)
+            text = content[:200].decode("utf-8", "replace").strip()
+            message = f"HTTP {status}" + (f": {text}" if text else "")
+        if cls is APIError and status >= 500:
+            cls = InternalServerError
+        kwargs: dict[str, Any] = {
+            "status": status,
+            "item": item,
+            "request_id": chunk.request_id,
+            "items": chunk.items,
+            "endpoint": url,
+        }
+        if cls is OverloadedError:
+            return OverloadedError(message, retry_after=_retry_after(headers), **kwargs)
+        return cls(message, **kwargs)
+
+    def transport_outcome(self, exc: Exception, chunk: Chunk, url: str) -> Outcome:
+        error = ConnectionFailedError(f"{url}: {type(exc).__name__}: {exc}", items=chunk.items)
+        return Outcome(error=error, retryable=True, endpoint_failed=True)
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def attempt_timeout(self, state: CallState, chunk: Chunk) -> float:
+        remaining = state.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError("the call's deadline passed", items=chunk.items)
+        return min(self.request_timeout, remaining)
+
+    def next_delay(self, outcome: Outcome, attempt: int, state: CallState, chunk: Chunk) -> float:
+        """Seconds to sleep before retrying, or raise the outcome's error when it is final."""
+        assert outcome.error is not None
+        if not outcome.retryable or attempt + 1 >= self.retry.max_attempts:
+            raise outcome.error
+        with self._rng_lock:
+            delay = self.retry.delay(attempt, outcome.retry_after, self._rng)
+        if time.monotonic() + delay >= state.deadline:
+            raise DeadlineExceededError(
+                f"the call's deadline passed while retrying after: {outcome.error}",
+                items=chunk.items,
+            ) from outcome.error
+        return delay
+
+    def accept(self, state: CallState, chunk: Chunk, outcome: Outcome) -> None:
+        assert outcome.results is not None
+        assert outcome.revision is not None
+        state.revisions.add(outcome.revision)
+        if len(state.revisions) > 1:
+            raise BadResponseError(
+                f"the replicas serve different model revisions ({sorted(state.revisions)}); "
+                "rewards from different models cannot be mixed in one call",
+                items=chunk.items,
+            )
+        for offset, result in enumerate(outcome.results):
+            slot = chunk.items.start + offset
+            if state.results[slot] is not None:
+                raise BadResponseError(f"item {slot} got two results", items=chunk.items)
+            state.results[slot] = result
+
+    @staticmethod
+    def finish(state: CallState) -> list[RewardResult]:
+        missing = [i for i, r in enumerate(state.results) if r is None]
+        if missing:
+            raise BadResponseError(
+                f"{len(missing)} items got no result", items=range(missing[0], missing[-1] + 1)
+            )
+        return [r for r in state.results if r is not None]
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: fall back to our own back-off

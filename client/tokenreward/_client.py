@@ -1,0 +1,304 @@
+"""``RewardClient`` and ``AsyncRewardClient``: the I/O twins over :class:`BaseRewardClient`.
+
+They mirror each other method for method (``close``/``aclose``, context managers). Each holds
+only the sending, the concurrency and the sleeping; what to send, where, and whether to retry
+is decided by the shared base.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from tokenreward._base import BaseRewardClient, CallState, Chunk, Endpoint, ItemLike, Outcome
+from tokenreward.protocol import Baseline, ModelInfo, RewardResult
+
+__all__ = ["AsyncRewardClient", "RewardClient"]
+
+
+class RewardClient(BaseRewardClient):
+    """Blocking client. Chunks of a big call are sent from a small thread pool.
+
+    ``RewardClient("http://rm:8000")`` or ``RewardClient(["http://rm-0:8000", "http://rm-1:8000"])``;
+    ``transport=`` replaces httpx's transport (tests, custom pools); ``sleep=`` replaces
+    :func:`time.sleep` (tests).
+    """
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        *,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        **options: Any,
+    ) -> None:
+        super().__init__(base_urls, **options)
+        limits = httpx.Limits(
+            max_connections=self.max_concurrency * 2,
+            max_keepalive_connections=self.max_concurrency * 2,
+        )
+        self._http = httpx.Client(transport=transport, limits=limits, timeout=self.request_timeout)
+        self._sleep = sleep
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._http.close()
+
+    def rewards(
+        self,
+        items: Sequence[ItemLike],
+        *,
+        beta_c: float = 1.0,
+        baseline: Baseline = "prompt",
+        return_prefix_scores: bool = False,
+        timeout: float | None = None,
+    ) -> list[RewardResult]:
+        """Per-token rewards of every item, in order, or a typed error: never a partial list."""
+        chunks = self.plan(
+            items, beta_c=beta_c, baseline=baseline, return_prefix_scores=return_prefix_scores
+        )
+        state = self.new_call(len(items), timeout)
+        if len(chunks) == 1:
+            self._send(chunks[0], state)
+        elif chunks:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self.max_concurrency, thread_name_prefix="tokenreward-client"
+                )
+            futures = [self._executor.submit(self._send, chunk, state) for chunk in chunks]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                for future in pending:
+                    future.cancel()
+                wait(pending)
+                raise failed[0].exception()  # type: ignore[misc]
+        return self.finish(state)
+
+    def _send(self, chunk: Chunk, state: CallState) -> None:
+        self.accept(state, chunk, self._call("POST", "/v1/rewards", chunk, state))
+
+    def _call(self, method: str, path: str, chunk: Chunk, state: CallState) -> Outcome:
+        """One logical request with its retries; returns the successful outcome or raises."""
+        attempt = 0
+        previous: Endpoint | None = None
+        while True:
+            timeout = self.attempt_timeout(state, chunk)
+            endpoint = self.pool.acquire(avoid=previous)
+            try:
+                response = self._http.request(
+                    method,
+                    endpoint.url + path,
+                    content=chunk.body or None,
+                    headers=self.headers(chunk.request_id),
+                    timeout=timeout,
+                )
+            except httpx.TransportError as exc:
+                outcome = self.transport_outcome(exc, chunk, endpoint.url)
+            except BaseException:
+                self.pool.release(endpoint, failed=False)
+                raise
+            else:
+                outcome = self.outcome(
+                    method,
+                    response.status_code,
+                    response.content,
+                    response.headers,
+                    chunk,
+                    endpoint.url,
+                )
+            self.pool.release(endpoint, failed=outcome.endpoint_failed)
+            if outcome.error is None:
+                return outcome
+            self._sleep(self.next_delay(outcome, attempt, state, chunk))
+            attempt += 1
+            previous = endpoint
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo.model_validate_json(self._get("/v1/model"))
+
+    def healthy(self) -> bool:
+        """True when some endpoint's process answers ``/healthz``."""
+        return self._any_ok("/healthz")
+
+    def ready(self) -> bool:
+        """True when some endpoint has its model loaded and is accepting work (``/readyz``)."""
+        return self._any_ok("/readyz")
+
+    def _any_ok(self, path: str) -> bool:
+        for endpoint in self.pool.endpoints:
+            try:
+                if (
+                    self._http.get(
+                        endpoint.url + path, headers=self.headers(uuid.uuid4().hex), timeout=5.0
+                    ).status_code
+                    == 200
+                ):
+                    return True
+            except httpx.TransportError:
+                continue
+        return False
+
+    def _get(self, path: str) -> bytes:
+        chunk = Chunk(items=range(0), body=b"", request_id=uuid.uuid4().hex, ids=())
+        outcome = self._call("GET", path, chunk, self.new_call(0, None))
+        assert outcome.content is not None
+        return outcome.content
+
+
+class AsyncRewardClient(BaseRewardClient):
+    """The asyncio twin of :class:`RewardClient`: the same methods, awaited."""
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        **options: Any,
+    ) -> None:
+        super().__init__(base_urls, **options)
+        limits = httpx.Limits(
+            max_connections=self.max_concurrency * 2,
+            max_keepalive_connections=self.max_concurrency * 2,
+        )
+        self._http = httpx.AsyncClient(
+            transport=transport, limits=limits, timeout=self.request_timeout
+        )
+        self._sleep = sleep
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def rewards(
+        self,
+        items: Sequence[ItemLike],
+        *,
+        beta_c: float = 1.0,
+        baseline: Baseline = "prompt",
+        return_prefix_scores: bool = False,
+        timeout: float | None = None,
+    ) -> list[RewardResult]:
+        """Per-token rewards of every item, in order, or a typed error: never a partial list."""
+        chunks = self.plan(
+            items, beta_c=beta_c, baseline=baseline, return_prefix_scores=return_prefix_scores
+        )
+        state = self.new_call(len(items), timeout)
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def bounded(chunk: Chunk) -> None:
+            async with limit:
+                await self._send(chunk, state)
+
+        tasks = [asyncio.ensure_future(bounded(chunk)) for chunk in chunks]
+        if tasks:
+            try:
+                done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            except asyncio.CancelledError:
+                for task in tasks:
+                    task.cancel()
+                raise
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            # Retrieve every failure (so none is reported as unretrieved); raise the first.
+            errors = [t.exception() for t in tasks if t in done and not t.cancelled()]
+            first = next((e for e in errors if e is not None), None)
+            if first is not None:
+                raise first
+        return self.finish(state)
+
+    async def _send(self, chunk: Chunk, state: CallState) -> None:
+        self.accept(state, chunk, await self._call("POST", "/v1/rewards", chunk, state))
+
+    async def _call(self, method: str, path: str, chunk: Chunk, state: CallState) -> Outcome:
+        """One logical request with its retries; returns the successful outcome or raises."""
+        attempt = 0
+        previous: Endpoint | None = None
+        while True:
+            timeout = self.attempt_timeout(state, chunk)
+            endpoint = self.pool.acquire(avoid=previous)
+            try:
+                response = await self._http.request(
+                    method,
+                    endpoint.url + path,
+                    content=chunk.body or None,
+                    headers=self.headers(chunk.request_id),
+                    timeout=timeout,
+                )
+            except httpx.TransportError as exc:
+                outcome = self.transport_outcome(exc, chunk, endpoint.url)
+            except BaseException:
+                self.pool.release(endpoint, failed=False)
+                raise
+            else:
+                outcome = self.outcome(
+                    method,
+                    response.status_code,
+                    response.content,
+                    response.headers,
+                    chunk,
+                    endpoint.url,
+                )
+            self.pool.release(endpoint, failed=outcome.endpoint_failed)
+            if outcome.error is None:
+                return outcome
+            await self._sleep(self.next_delay(outcome, attempt, state, chunk))
+            attempt += 1
+            previous = endpoint
+
+    async def model_info(self) -> ModelInfo:
+        return ModelInfo.model_validate_json(await self._get("/v1/model"))
+
+    async def healthy(self) -> bool:
+        """True when some endpoint's process answers ``/healthz``."""
+        return await self._any_ok("/healthz")
+
+    async def ready(self) -> bool:
+        """True when some endpoint has its model loaded and is accepting work (``/readyz``)."""
+        return await self._any_ok("/readyz")
+
+    async def _any_ok(self, path: str) -> bool:
+        for endpoint in self.pool.endpoints:
+            try:
+                response = await self._http.get(
+                    endpoint.url + path, headers=self.headers(uuid.uuid4().hex), timeout=5.0
+                )
+            except httpx.TransportError:
+                continue
+            if response.status_code == 200:
+                return True
+        return False
+
+    async def _get(self, path: str) -> bytes:
+        chunk = Chunk(items=range(0), body=b"", request_id=uuid.uuid4().hex, ids=())
+        outcome = await self._call("GET", path, chunk, self.new_call(0, None))
+        assert outcome.content is not None
+        return outcome.content
