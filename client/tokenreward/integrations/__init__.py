@@ -1,0 +1,9 @@
+"""Adapters between tokenreward and RL training stacks.
+
+Each module imports its framework lazily, inside the functions that need it, so every adapter
+is importable (and type-checkable) without vLLM, torch, numpy or TRL installed.
+
+- :mod:`tokenreward.integrations.vllm`: vLLM ``RequestOutput`` lists -> items, results back.
+- :mod:`tokenreward.integrations.learner`: padded dense reward tensors, the PPO reward of Eq. 8.
+- :mod:`tokenreward.integrations.trainers`: scalar reward functions for OpenRLHF and TRL.
+"""
