@@ -117,9 +117,8 @@ class WordTokenizer:
         from transformers import PreTrainedTokenizerFast
 
         vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "[UNK]": 3}
-        vocab.update(
-            {w: i + 4 for i, w in enumerate(["the", "a", "good", "bad", "movie", "was", "is", "very", "not", "2", "+", "4", "="])}
-        )
+        words = ["the", "a", "good", "bad", "movie", "was", "is", "very", "not", "2", "+", "4", "="]
+        vocab.update({word: i + 4 for i, word in enumerate(words)})
         tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.post_processor = processors.TemplateProcessing(

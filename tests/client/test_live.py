@@ -111,31 +111,33 @@ def test_async_twin_against_a_real_server(llama: RewardModel) -> None:
 
 def test_a_replica_killed_mid_call_loses_no_reward(model_dir: object, llama_dir: Path) -> None:
     items = _items(3000, seed=3, longest=64)
-    with serve_process(["--model", str(llama_dir)]) as (url_a, proc_a, _):
-        with serve_process(["--model", str(llama_dir)]) as (url_b, _, _):
-            with RewardClient(url_b) as alone:
-                expected = alone.rewards(items)
-            transport = CountingTransport()
-            port_a = int(url_a.rsplit(":", 1)[1])
+    with (
+        serve_process(["--model", str(llama_dir)]) as (url_a, proc_a, _),
+        serve_process(["--model", str(llama_dir)]) as (url_b, _, _),
+    ):
+        with RewardClient(url_b) as alone:
+            expected = alone.rewards(items)
+        transport = CountingTransport()
+        port_a = int(url_a.rsplit(":", 1)[1])
 
-            def kill_a_after_some_answers() -> None:
-                deadline = time.monotonic() + 60
-                while transport.answered.get(port_a, 0) < 3 and time.monotonic() < deadline:
-                    time.sleep(0.001)
-                os.kill(proc_a.pid, signal.SIGKILL)
+        def kill_a_after_some_answers() -> None:
+            deadline = time.monotonic() + 60
+            while transport.answered.get(port_a, 0) < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            os.kill(proc_a.pid, signal.SIGKILL)
 
-            killer = threading.Thread(target=kill_a_after_some_answers)
-            with RewardClient(
-                [url_a, url_b],
-                transport=transport,
-                max_items_per_request=40,
-                max_concurrency=6,
-                retry=RetryPolicy(initial_backoff_s=0.05),
-            ) as client:
-                killer.start()
-                results = client.rewards(items)
-            killer.join()
-            assert proc_a.wait(timeout=10) == -signal.SIGKILL  # it really died mid-call
+        killer = threading.Thread(target=kill_a_after_some_answers)
+        with RewardClient(
+            [url_a, url_b],
+            transport=transport,
+            max_items_per_request=40,
+            max_concurrency=6,
+            retry=RetryPolicy(initial_backoff_s=0.05),
+        ) as client:
+            killer.start()
+            results = client.rewards(items)
+        killer.join()
+        assert proc_a.wait(timeout=10) == -signal.SIGKILL  # it really died mid-call
     assert 3 <= transport.answered.get(port_a, 0) < 3000 // 40
     assert [r.id for r in results] == [str(i) for i in range(3000)]  # each exactly once, in order
     for got, want in zip(results, expected, strict=True):
