@@ -37,6 +37,7 @@ def load_model(settings: Settings) -> RewardModel:
         "dtype": settings.dtype,
         "max_length": settings.max_length,
         "suffix_ids": settings.suffix_ids,
+        "share_prompts": settings.share_prompts,
     }
     if settings.model is not None:
         return load_reward_model(settings.model, **common)  # type: ignore[arg-type]
@@ -86,6 +87,8 @@ def create_app(
                 max_batch_size=settings.max_batch_size,
                 max_wait_s=settings.max_wait_ms / 1000.0,
                 max_queued_tokens=settings.max_queued_tokens,
+                cross_request=settings.batching == "on",
+                group_prompts=settings.share_prompts,
             ),
             on_batch=metrics.observe_batch,
             on_queue=metrics.observe_queue,

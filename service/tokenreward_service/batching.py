@@ -32,16 +32,20 @@ from tokenreward_service.errors import (
     Overloaded,
     TooLarge,
 )
+from tokenreward_service.model import MIN_SHARED_PROMPT, BatchScores
 
-__all__ = ["BatchStats", "Batcher", "BatcherConfig", "Engine"]
+__all__ = ["BatchStats", "Batcher", "BatcherConfig", "Engine", "Job"]
 
 log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
-    """What the batcher needs of a model: per-position scores of each sequence."""
+    """What the batcher needs of a model: per-position scores of each sequence, given where
+    each prompt ends (so that items sharing a prompt can share its computation)."""
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]: ...
+    def score_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> BatchScores: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class BatcherConfig:
     max_batch_size: int = 256
     max_wait_s: float = 0.002
     max_queued_tokens: int = 1_048_576
+    cross_request: bool = True
+    """False: a batch holds one request's items only (per-request batching, for comparison)."""
+    group_prompts: bool = True
+    """Put items that share the anchor's prompt in its batch first (the engine shares it)."""
 
 
 @dataclass(frozen=True)
@@ -59,20 +67,33 @@ class BatchStats:
     size: int
     real_tokens: int
     padded_tokens: int
+    """Positions the model computed, padding included (shared prompts count once)."""
+    shared_items: int
     queue_wait_s: float
     inference_s: float
 
 
+@dataclass(frozen=True)
+class Job:
+    """One sequence to score: ``tokens`` whose first ``prompt_len`` are the prompt."""
+
+    tokens: Sequence[int]
+    prompt_len: int
+
+
 @dataclass(eq=False)
 class _Pending:
-    tokens: Sequence[int]
+    job: Job
     future: asyncio.Future[torch.Tensor]
     enqueued: float
     deadline: float
+    request: int
     length: int = field(init=False)
+    prompt_key: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.length = len(self.tokens)
+        self.length = len(self.job.tokens)
+        self.prompt_key = tuple(self.job.tokens[: self.job.prompt_len])
 
 
 class Batcher:
@@ -99,6 +120,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._tokens_per_s = 0.0
+        self._requests = 0
 
     @property
     def alive(self) -> bool:
@@ -122,22 +144,20 @@ class Batcher:
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # failures were logged
                 await self._task
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    async def submit(
-        self, sequences: Sequence[Sequence[int]], *, timeout_s: float
-    ) -> list[torch.Tensor]:
-        """Score ``sequences`` (in order) and return each one's per-position scores.
+    async def submit(self, jobs: Sequence[Job], *, timeout_s: float) -> list[torch.Tensor]:
+        """Score ``jobs`` (in order) and return each one's per-position scores.
 
         All or nothing: the request is admitted whole or refused whole. Cancelling the caller
         (a client that went away, a deadline) drops its items that are still queued.
         """
         if not self.alive:
             raise NotReady("the batcher is not running")
-        tokens = sum(len(seq) for seq in sequences)
+        tokens = sum(len(job.tokens) for job in jobs)
         if tokens > self._config.max_queued_tokens:
             raise TooLarge(
                 f"request holds {tokens} tokens, more than the queue bound "
@@ -150,7 +170,11 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
-        pending = [_Pending(seq, loop.create_future(), now, now + timeout_s) for seq in sequences]
+        self._requests += 1
+        pending = [
+            _Pending(job, loop.create_future(), now, now + timeout_s, self._requests)
+            for job in jobs
+        ]
         self._queue.extend(pending)
         self._queued_tokens += tokens
         self._report_queue()
@@ -193,12 +217,32 @@ class Batcher:
             self._report_queue()
             return []
         anchor = live[0]  # the oldest: FIFO insertion order
-        by_length = sorted(live, key=lambda p: p.length)
-        position = by_length.index(anchor)
+        cfg = self._config
+        if not cfg.cross_request:
+            live_for_batch = [p for p in live if p.request == anchor.request]
+        else:
+            live_for_batch = live
+        # Items that share the anchor's prompt come first: their prompt is computed once.
+        key = anchor.prompt_key
+        shareable = cfg.group_prompts and len(key) >= MIN_SHARED_PROMPT
+        siblings = [
+            p for p in live_for_batch if shareable and p is not anchor and p.prompt_key == key
+        ]
         batch = [anchor]
         longest = anchor.length
+        for sibling in siblings:
+            if len(batch) >= cfg.max_batch_size:
+                break
+            if max(longest, sibling.length) * (len(batch) + 1) > cfg.max_batch_tokens:
+                break
+            batch.append(sibling)
+            longest = max(longest, sibling.length)
+        taken = set(map(id, batch))
+        by_length = sorted(
+            (p for p in live_for_batch if id(p) not in taken or p is anchor), key=lambda p: p.length
+        )
+        position = by_length.index(anchor)
         low, high = position - 1, position + 1
-        cfg = self._config
         while len(batch) < cfg.max_batch_size:
             # Take the neighbour (in length) that adds least padding; stop at the budget.
             below = by_length[low] if low >= 0 else None
@@ -206,7 +250,7 @@ class Batcher:
             if below is None and above is None:
                 break
             if above is not None and (
-                below is None or above.length - longest <= anchor.length - below.length
+                below is None or above.length - anchor.length <= anchor.length - below.length
             ):
                 candidate, high = above, high + 1
             else:
@@ -234,6 +278,22 @@ class Batcher:
         return full or self._clock() - first_seen >= self._config.max_wait_s
 
     async def _run(self) -> None:
+        """The scheduler; should it ever fail, every waiting caller gets an error, not a hang."""
+        try:
+            await self._schedule()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("the batch scheduler failed; refusing new work")
+            self._closing = True
+            for item in self._queue:
+                if not item.future.done():
+                    item.future.set_exception(InternalError("the batch scheduler failed"))
+            self._queue = []
+            self._queued_tokens = 0
+            raise
+
+    async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
@@ -253,8 +313,11 @@ class Batcher:
                 continue
             started = self._clock()
             try:
-                scores = await loop.run_in_executor(
-                    self._executor, self._engine.score, [p.tokens for p in batch]
+                scored = await loop.run_in_executor(
+                    self._executor,
+                    self._engine.score_batch,
+                    [p.job.tokens for p in batch],
+                    [p.job.prompt_len for p in batch],
                 )
             except Exception as exc:  # the model failed: fail this batch, keep serving
                 log.exception("forward pass failed for a batch of %d", len(batch))
@@ -263,7 +326,7 @@ class Batcher:
                         p.future.set_exception(InternalError(f"forward pass failed: {exc}"))
                 continue
             elapsed = self._clock() - started
-            for p, result in zip(batch, scores, strict=True):
+            for p, result in zip(batch, scored.scores, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
             real = sum(p.length for p in batch)
@@ -277,7 +340,8 @@ class Batcher:
                     BatchStats(
                         size=len(batch),
                         real_tokens=real,
-                        padded_tokens=max(p.length for p in batch) * len(batch),
+                        padded_tokens=scored.computed_tokens,
+                        shared_items=scored.shared_items,
                         queue_wait_s=started - min(p.enqueued for p in batch),
                         inference_s=elapsed,
                     )

@@ -83,6 +83,17 @@ class Settings(BaseSettings):
         description="Bound on tokens waiting for the model; past it requests get 429 at once. "
         "Higher: absorbs bursts, but queued work waits longer.",
     )
+    batching: Literal["on", "off"] = Field(
+        default="on",
+        description="'on': items of concurrent requests share forward passes. 'off': each "
+        "request's items run alone (lower throughput; for comparison and debugging).",
+    )
+    share_prompts: bool = Field(
+        default=True,
+        description="Score a prompt shared by several items of a batch once and reuse its "
+        "key/value cache for their responses (GRPO/RLOO groups). Costs a second, smaller "
+        "forward call per batch that has such groups.",
+    )
     max_items_per_request: int = Field(
         default=4096, ge=1, description="Most items in one request; more gets 413."
     )

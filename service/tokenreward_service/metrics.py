@@ -69,6 +69,11 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.shared_items = Counter(
+            "tokenreward_shared_prompt_items_total",
+            "Items scored against a prompt computed once for their group (shared-prompt hits).",
+            registry=registry,
+        )
         self.queue_wait = Histogram(
             "tokenreward_queue_wait_seconds",
             "Time the oldest item of a batch waited before its forward pass.",
@@ -88,6 +93,7 @@ class Metrics:
         self.batch_tokens.observe(stats.padded_tokens)
         self.tokens.labels("real").inc(stats.real_tokens)
         self.tokens.labels("padded").inc(stats.padded_tokens)
+        self.shared_items.inc(stats.shared_items)
         self.queue_wait.observe(stats.queue_wait_s)
         self.inference.observe(stats.inference_s)
 

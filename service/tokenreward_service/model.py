@@ -10,6 +10,7 @@ each prefix separately. This module knows nothing of HTTP or batching.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -21,7 +22,14 @@ import torch
 
 from tokenreward_service.errors import ModelLoadError
 
-__all__ = ["ModelSpec", "RewardModel", "load_reward_model", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "BatchScores",
+    "ModelSpec",
+    "RewardModel",
+    "load_reward_model",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,17 @@ METADATA_FILE = "tokenreward.json"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """Per-position scores of a batch, with what computing them cost."""
+
+    scores: list[torch.Tensor]
+    computed_tokens: int
+    """Positions run through the model, padding included."""
+    shared_items: int
+    """Items whose prompt was computed once for its whole group."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +109,20 @@ def content_revision(path: Path) -> str:
 class RewardModel:
     """A loaded RM: ``score`` returns every position's score for a batch of sequences."""
 
-    def __init__(self, model: Any, spec: ModelSpec, tokenizer: Any | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        spec: ModelSpec,
+        tokenizer: Any | None = None,
+        *,
+        share_prompts: bool = True,
+    ) -> None:
         self._model = model
         self.spec = spec
         self.tokenizer = tokenizer
+        self.share_prompts = share_prompts
+        parameters = inspect.signature(model.base_model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         head = model.score
         self._device = torch.device(spec.device)
         self._head_weight = head.weight.detach().to(torch.float32)
@@ -111,11 +140,7 @@ class RewardModel:
     def score_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, L]`` in float32 of right-padded ``input_ids``; padded positions are junk."""
         with torch.inference_mode():
-            hidden = self.hidden_states(input_ids, attention_mask)
-            logits = torch.nn.functional.linear(
-                hidden.to(torch.float32), self._head_weight, self._head_bias
-            )
-        return logits.squeeze(-1)
+            return self._head(self.hidden_states(input_ids, attention_mask))
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per-position float32 scores (on CPU) of each sequence, in one forward pass.
@@ -123,18 +148,138 @@ class RewardModel:
         Sequences are right-padded to the longest with an attention mask, so a sequence's
         scores do not depend on the others in the batch (up to float rounding).
         """
+        scores, _ = self._score_padded_batch(sequences)
+        return scores
+
+    def score_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> BatchScores:
+        """Like :meth:`score`, but items that share a prompt have it computed once.
+
+        Items whose first ``prompt_lens[i]`` tokens are identical (at least two of them, and a
+        prompt of at least :data:`MIN_SHARED_PROMPT` tokens) form a group: the prompts run once,
+        with their key/value cache, and each response then runs against its prompt's cache.
+        Everything else runs as one right-padded batch. The scores are the same either way (up
+        to float rounding), since a causal model computes a prompt's positions identically
+        whatever follows it.
+        """
+        groups, singles = (
+            find_shared_prompts(sequences, prompt_lens) if self.share_prompts else ([], [])
+        )
+        if not groups:
+            scores, computed = self._score_padded_batch(sequences)
+            return BatchScores(scores=scores, computed_tokens=computed, shared_items=0)
+        out: list[torch.Tensor | None] = [None] * len(sequences)
+        computed = 0
+        if singles:
+            single_scores, computed = self._score_padded_batch([sequences[i] for i in singles])
+            for index, row in zip(singles, single_scores, strict=True):
+                out[index] = row
+        grouped, grouped_computed = self._score_shared(sequences, prompt_lens, groups)
+        for index, row in grouped.items():
+            out[index] = row
+        done = [s for s in out if s is not None]
+        assert len(done) == len(sequences)
+        return BatchScores(
+            scores=done,
+            computed_tokens=computed + grouped_computed,
+            shared_items=sum(len(g) for g in groups),
+        )
+
+    def _score_padded_batch(
+        self, sequences: Sequence[Sequence[int]]
+    ) -> tuple[list[torch.Tensor], int]:
         lengths = [len(seq) for seq in sequences]
-        width = max(lengths)
-        input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            attention_mask[row, : len(seq)] = 1
+        input_ids, attention_mask = _right_pad(sequences)
         scores = self.score_padded(
             input_ids.to(self._device, non_blocking=True),
             attention_mask.to(self._device, non_blocking=True),
         ).cpu()
-        return [scores[row, :n] for row, n in enumerate(lengths)]
+        return [scores[row, :n] for row, n in enumerate(lengths)], int(input_ids.numel())
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(
+            hidden.to(torch.float32), self._head_weight, self._head_bias
+        )
+        return logits.squeeze(-1)
+
+    def _score_shared(
+        self,
+        sequences: Sequence[Sequence[int]],
+        prompt_lens: Sequence[int],
+        groups: list[list[int]],
+    ) -> tuple[dict[int, torch.Tensor], int]:
+        """Two passes: every group's prompt once (keeping the key/value cache), then every
+        grouped item's response against its own prompt's cache rows."""
+        prompts = [sequences[group[0]][: prompt_lens[group[0]]] for group in groups]
+        prompt_ids, prompt_mask = _right_pad(prompts)
+        members = [index for group in groups for index in group]
+        owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], dtype=torch.long)
+        responses = [sequences[index][prompt_lens[index] :] for index in members]
+        response_ids, response_mask = _right_pad(responses)
+        plen = torch.tensor([prompt_lens[index] for index in members], dtype=torch.long)
+        positions = plen.unsqueeze(1) + torch.arange(response_ids.shape[1]).unsqueeze(0)
+        device = self._device
+        with torch.inference_mode():
+            first = self._model.base_model(
+                input_ids=prompt_ids.to(device),
+                attention_mask=prompt_mask.to(device),
+                use_cache=True,
+            )
+            prompt_scores = self._head(first.last_hidden_state).cpu()
+            cache = (
+                first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+            )
+            cache.reorder_cache(owner.to(device))  # one row of prompt keys/values per item
+            second = self._model.base_model(
+                input_ids=response_ids.to(device),
+                attention_mask=torch.cat([prompt_mask[owner], response_mask], dim=1).to(device),
+                position_ids=positions.to(device),
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
+            response_scores = self._head(second.last_hidden_state).cpu()
+        out = {}
+        for row, index in enumerate(members):
+            g = int(owner[row])
+            p = prompt_lens[index]
+            r = len(sequences[index]) - p
+            out[index] = torch.cat([prompt_scores[g, :p], response_scores[row, :r]])
+        return out, int(prompt_ids.numel() + response_ids.numel())
+
+
+MIN_SHARED_PROMPT = 8
+"""Shorter prompts are not worth a second forward call: they are recomputed per item."""
+
+
+def find_shared_prompts(
+    sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+) -> tuple[list[list[int]], list[int]]:
+    """Indices grouped by identical prompt (groups of two or more), and the indices left alone."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    singles: list[int] = []
+    for index, (seq, p) in enumerate(zip(sequences, prompt_lens, strict=True)):
+        if p < MIN_SHARED_PROMPT or p >= len(seq):
+            singles.append(index)
+        else:
+            by_prompt.setdefault(tuple(seq[:p]), []).append(index)
+    groups = []
+    for members in by_prompt.values():
+        if len(members) >= 2:
+            groups.append(members)
+        else:
+            singles.extend(members)
+    return groups, sorted(singles)
+
+
+def _right_pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
 
 
 def _check_causal(model: Any, vocab_size: int, device: torch.device) -> None:
@@ -195,6 +340,7 @@ def load_reward_model(
     suffix_ids: Sequence[int] | None = None,
     model_id: str | None = None,
     random_weights: bool = False,
+    share_prompts: bool = True,
 ) -> RewardModel:
     """Load a local HF sequence-classification RM and check that it can be served.
 
@@ -255,7 +401,7 @@ def load_reward_model(
         suffix_ids=suffix,
         random_weights=random_weights,
     )
-    reward_model = RewardModel(model, spec, _load_tokenizer(folder))
+    reward_model = RewardModel(model, spec, _load_tokenizer(folder), share_prompts=share_prompts)
     reward_model.score([[min(3, vocab_size - 1)] * 4])  # warm-up: first-call allocations
     log.info(
         "loaded %s (%s, %s on %s, revision %s, suffix %s)",

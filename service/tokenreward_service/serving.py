@@ -21,7 +21,7 @@ from tokenreward.protocol import (
     RewardResponse,
     RewardResult,
 )
-from tokenreward_service.batching import Batcher
+from tokenreward_service.batching import Batcher, Job
 from tokenreward_service.errors import DeadlineExceeded, InternalError, InvalidRequest
 from tokenreward_service.model import ModelSpec
 from tokenreward_service.redistribution import redistribute
@@ -92,9 +92,13 @@ class RewardService:
 
     async def rewards(self, request: RewardRequest) -> RewardResponse:
         sequences = self.layout(request)
+        jobs = [
+            Job(seq, len(item.prompt_ids))
+            for seq, item in zip(sequences, request.items, strict=True)
+        ]
         try:
             scores = await asyncio.wait_for(
-                self._batcher.submit(sequences, timeout_s=self._timeout_s), self._timeout_s
+                self._batcher.submit(jobs, timeout_s=self._timeout_s), self._timeout_s
             )
         except asyncio.TimeoutError:
             raise DeadlineExceeded(

@@ -8,12 +8,11 @@ from collections.abc import Sequence
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import LiveServer
 from tokenreward_service.config import Settings
-from tokenreward_service.model import RewardModel
+from tokenreward_service.model import BatchScores, RewardModel
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -84,10 +83,12 @@ class GatedModel:
         self.gate = threading.Event()
         self.seen: list[int] = []  # lengths of the sequences that reached the model
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def score_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> BatchScores:
         assert self.gate.wait(30)
         self.seen.extend(len(s) for s in sequences)
-        return self.model.score(sequences)
+        return self.model.score_batch(sequences, prompt_lens)
 
 
 def test_overload_answers_429_with_retry_after_and_recovers(llama: RewardModel) -> None:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from tests.support import LiveServer, serve_process
 from tokenreward import AsyncRewardClient, RetryPolicy, RewardClient
 from tokenreward_service.config import Settings
-from tokenreward_service.model import RewardModel
+from tokenreward_service.model import BatchScores, RewardModel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,9 +152,11 @@ class HeldModel:
         self.spec = model.spec
         self.gate = threading.Event()
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def score_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> BatchScores:
         assert self.gate.wait(30)
-        return self.model.score(sequences)
+        return self.model.score_batch(sequences, prompt_lens)
 
 
 def test_an_overloaded_server_is_waited_out(llama: RewardModel) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from tokenreward_service.batching import Batcher, BatcherConfig, BatchStats
+from tokenreward_service.batching import Batcher, BatcherConfig, BatchStats, Job
 from tokenreward_service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -23,6 +23,7 @@ from tokenreward_service.errors import (
     Overloaded,
     TooLarge,
 )
+from tokenreward_service.model import BatchScores
 
 
 class RecordingEngine:
@@ -32,8 +33,12 @@ class RecordingEngine:
         self.gate = gate
         self.fail_next = False
         self.thread_names: set[str] = set()
+        self.prompt_lens: list[list[int]] = []
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def score_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> BatchScores:
+        self.prompt_lens.append(list(prompt_lens))
         self.thread_names.add(threading.current_thread().name)
         if self.gate is not None:
             assert self.gate.wait(10)
@@ -43,11 +48,12 @@ class RecordingEngine:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("boom")
-        return [torch.cumsum(torch.tensor(s, dtype=torch.float32), 0) for s in sequences]
+        scores = [torch.cumsum(torch.tensor(s, dtype=torch.float32), 0) for s in sequences]
+        return BatchScores(scores, max(map(len, sequences)) * len(sequences), 0)
 
 
-def seq(n: int, start: int = 1) -> list[int]:
-    return list(range(start, start + n))
+def seq(n: int, start: int = 1, prompt_len: int = 1) -> Job:
+    return Job(list(range(start, start + n)), min(prompt_len, n))
 
 
 async def started(engine: RecordingEngine, **cfg: float) -> Batcher:
@@ -63,11 +69,9 @@ def test_results_come_back_in_order_for_each_caller() -> None:
         requests = [[seq(n, start=r * 100) for n in (5, 1, 9)] for r in range(4)]
         results = await asyncio.gather(*(batcher.submit(r, timeout_s=5) for r in requests))
         for request, result in zip(requests, results, strict=True):
-            for sequence, scores in zip(request, result, strict=True):
-                assert (
-                    scores.tolist()
-                    == torch.cumsum(torch.tensor(sequence, dtype=torch.float32), 0).tolist()
-                )
+            for job, scores in zip(request, result, strict=True):
+                expected = torch.cumsum(torch.tensor(job.tokens, dtype=torch.float32), 0)
+                assert scores.tolist() == expected.tolist()
         assert sum(len(b) for b in engine.batches) == 12
         assert len(engine.batches) < 12  # concurrent requests shared forward passes
         assert engine.thread_names == {"tokenreward-infer_0"}
@@ -217,5 +221,33 @@ def test_stop_finishes_queued_work_then_refuses() -> None:
         assert not batcher.alive
         with pytest.raises(NotReady):
             await batcher.submit([seq(2)], timeout_s=5)
+
+    asyncio.run(main())
+
+
+def test_items_sharing_a_prompt_are_batched_together_with_their_prompt_lengths() -> None:
+    async def main() -> None:
+        engine = RecordingEngine()
+        batcher = await started(engine, max_batch_tokens=60, max_wait_s=0.05)
+        group_a = [Job([7] * 10 + [i] * (2 + i), 10) for i in range(4)]  # prompt [7]*10
+        others = [Job([3] * 12 + [i] * 2, 12) for i in range(4)]  # same lengths as group_a[0]
+        await batcher.submit([group_a[0], *others, *group_a[1:]], timeout_s=5)
+        first = engine.batches[0]
+        assert sorted(first) == sorted(len(j.tokens) for j in group_a)  # the anchor's group
+        assert engine.prompt_lens[0] == [10, 10, 10, 10]
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_batching_off_never_mixes_requests() -> None:
+    async def main() -> None:
+        engine = RecordingEngine()
+        batcher = Batcher(engine, BatcherConfig(max_wait_s=0.05, cross_request=False))
+        await batcher.start()
+        requests = [[seq(5, start=100 * r + 1), seq(6, start=100 * r + 50)] for r in range(5)]
+        await asyncio.gather(*(batcher.submit(r, timeout_s=5) for r in requests))
+        assert sorted(map(sorted, engine.batches)) == [[5, 6]] * 5
+        await batcher.stop()
 
     asyncio.run(main())
