@@ -65,7 +65,10 @@ class BatchStats:
     """What one forward pass did; handed to the ``on_batch`` observer (metrics)."""
 
     size: int
+    submitted_tokens: int
+    """Tokens of the batch's items."""
     real_tokens: int
+    """Tokens the model computed, padding excluded (a shared prompt counts once)."""
     padded_tokens: int
     """Positions the model computed, padding included (shared prompts count once)."""
     shared_items: int
@@ -339,7 +342,8 @@ class Batcher:
                 self._on_batch(
                     BatchStats(
                         size=len(batch),
-                        real_tokens=real,
+                        submitted_tokens=real,
+                        real_tokens=scored.real_tokens,
                         padded_tokens=scored.computed_tokens,
                         shared_items=scored.shared_items,
                         queue_wait_s=started - min(p.enqueued for p in batch),

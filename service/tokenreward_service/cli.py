@@ -61,7 +61,44 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
             **_flag_type(field.annotation),
         )
+    bench = commands.add_parser(
+        "bench",
+        help="measure throughput and latency (prints a JSON report)",
+        description="Run seeded workloads (mixed, group, long) against a server and against the "
+        "in-process ceiling. Without --url it builds the benchmark model, starts its own "
+        "servers on 127.0.0.1 and runs every comparison.",
+    )
+    bench.add_argument("--workload", default="all", help="mixed, group, long, a comma list, or all")
+    bench.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported")
+    bench.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's items")
+    bench.add_argument("--url", default=None, help="measure this running server only")
+    bench.add_argument("--api-key", default=None, help="bearer key for --url")
+    bench.add_argument("--model", default=None, help="RM folder (default: the benchmark model)")
+    bench.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget")
+    bench.add_argument("--out", default=None, help="also write the JSON report to this file")
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tokenreward_service.bench import known_workloads, main_bench
+
+    try:
+        workloads = known_workloads(args.workload)
+    except ValueError as exc:
+        print(f"tokenreward: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    main_bench(
+        workloads=workloads,
+        runs=args.runs,
+        scale=args.scale,
+        url=args.url,
+        api_key=args.api_key,
+        model=args.model,
+        max_batch_tokens=args.max_batch_tokens,
+        out=args.out,
+    )
+    return 0
 
 
 def _serve(overrides: dict[str, Any]) -> int:
@@ -108,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {k: v for k, v in vars(args).items() if k != "command"}
     if args.command == "serve":
         return _serve(options)
+    if args.command == "bench":
+        return _bench(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse refuses unknown ones
 
 

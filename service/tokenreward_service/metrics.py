@@ -65,7 +65,9 @@ class Metrics:
         )
         self.tokens = Counter(
             "tokenreward_tokens_total",
-            "Tokens through the model: kind=real (submitted) or kind=padded (computed).",
+            "Tokens by kind: submitted (in the items), real (computed by the model, a shared "
+            "prompt once), padded (positions computed, padding included). Padding efficiency "
+            "is real / padded; shared-prompt savings are submitted / real.",
             ["kind"],
             registry=registry,
         )
@@ -91,6 +93,7 @@ class Metrics:
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
         self.batch_tokens.observe(stats.padded_tokens)
+        self.tokens.labels("submitted").inc(stats.submitted_tokens)
         self.tokens.labels("real").inc(stats.real_tokens)
         self.tokens.labels("padded").inc(stats.padded_tokens)
         self.shared_items.inc(stats.shared_items)

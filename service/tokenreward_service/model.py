@@ -47,6 +47,8 @@ class BatchScores:
     scores: list[torch.Tensor]
     computed_tokens: int
     """Positions run through the model, padding included."""
+    real_tokens: int
+    """Tokens run through the model, padding excluded (a shared prompt counts once)."""
     shared_items: int
     """Items whose prompt was computed once for its whole group."""
 
@@ -168,7 +170,10 @@ class RewardModel:
         )
         if not groups:
             scores, computed = self._score_padded_batch(sequences)
-            return BatchScores(scores=scores, computed_tokens=computed, shared_items=0)
+            real = sum(len(seq) for seq in sequences)
+            return BatchScores(
+                scores=scores, computed_tokens=computed, real_tokens=real, shared_items=0
+            )
         out: list[torch.Tensor | None] = [None] * len(sequences)
         computed = 0
         if singles:
@@ -180,9 +185,13 @@ class RewardModel:
             out[index] = row
         done = [s for s in out if s is not None]
         assert len(done) == len(sequences)
+        real = sum(len(sequences[i]) for i in singles)
+        real += sum(prompt_lens[g[0]] for g in groups)  # each shared prompt once
+        real += sum(len(sequences[i]) - prompt_lens[i] for g in groups for i in g)
         return BatchScores(
             scores=done,
             computed_tokens=computed + grouped_computed,
+            real_tokens=real,
             shared_items=sum(len(g) for g in groups),
         )
 

@@ -27,6 +27,8 @@ def tiny_config(
     num_heads: int = 4,
     max_positions: int = 512,
     pad_token_id: int = 0,
+    intermediate_size: int | None = None,
+    num_kv_heads: int | None = None,
 ) -> Any:
     """A ``num_labels=1`` sequence-classification config of ``architecture``, small sizes."""
     from transformers import (
@@ -46,25 +48,31 @@ def tiny_config(
     special: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2}
     decoder: dict[str, Any] = {
         "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
+        "intermediate_size": intermediate_size or 2 * hidden_size,
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
         "max_position_embeddings": max_positions,
     }
     if architecture == "llama":
         return LlamaConfig(
-            **common, **special, **decoder, num_key_value_heads=max(1, num_heads // 2)
+            **common,
+            **special,
+            **decoder,
+            num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
         )
     if architecture == "qwen2":
         return Qwen2Config(
-            **common, **special, **decoder, num_key_value_heads=max(1, num_heads // 2)
+            **common,
+            **special,
+            **decoder,
+            num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
         )
     if architecture == "mistral":
         return MistralConfig(
             **common,
             **special,
             **decoder,
-            num_key_value_heads=max(1, num_heads // 2),
+            num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
             sliding_window=None,
         )
     if architecture == "gpt2":

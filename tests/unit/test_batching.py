@@ -49,7 +49,8 @@ class RecordingEngine:
             self.fail_next = False
             raise RuntimeError("boom")
         scores = [torch.cumsum(torch.tensor(s, dtype=torch.float32), 0) for s in sequences]
-        return BatchScores(scores, max(map(len, sequences)) * len(sequences), 0)
+        real = sum(map(len, sequences))
+        return BatchScores(scores, max(map(len, sequences)) * len(sequences), real, 0)
 
 
 def seq(n: int, start: int = 1, prompt_len: int = 1) -> Job:

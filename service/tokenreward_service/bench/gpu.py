@@ -1,0 +1,158 @@
+"""GPU check: an 8B-shaped Llama RM in bf16, in-process and through the service.
+
+    python -m tokenreward_service.bench.gpu            # on a CUDA machine, under 5 minutes
+    python -m tokenreward_service.bench.gpu --tiny     # the same steps on CPU with a tiny shape
+
+It builds the RM with random weights directly on the device (nothing is downloaded or written
+to disk), then reports tokens/s and model FLOP utilisation (MFU) for the in-process forward and
+for a real uvicorn server on 127.0.0.1 on the ``mixed`` and ``group`` workloads, and the
+precision of the bf16 rewards against the same weights computed in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+
+from tokenreward_service.bench.runner import run_inprocess, run_service
+from tokenreward_service.bench.workloads import make_workload
+
+SHAPE_8B: dict[str, int] = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+}
+SHAPE_TINY: dict[str, int] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 1024,
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+"""Dense bf16 peak of each GPU (vendor data sheets, without sparsity)."""
+
+
+def flops_per_token(shape: dict[str, int], context: float) -> float:
+    """Forward FLOPs per token: 2 x matmul parameters, plus attention scores and values over
+    an average ``context`` of earlier tokens (4 x layers x hidden x context)."""
+    h, layers = shape["hidden_size"], shape["num_hidden_layers"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
+    return 2.0 * (layers * per_layer + h) + 4.0 * layers * h * context
+
+
+def _peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def build_model(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Any:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    options: dict[str, Any] = {**shape, "num_labels": 1, "pad_token_id": 0}
+    config = LlamaConfig(**options, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model: Any = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
+    return model.to(dtype).eval()
+
+
+def _serve_in_thread(model: Any) -> tuple[str, Any]:
+    import uvicorn
+
+    from tokenreward_service.app import create_app
+    from tokenreward_service.config import Settings
+
+    app = create_app(Settings(max_batch_tokens=65536), model=model)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return f"http://127.0.0.1:{port}", server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny shape (runs on CPU)")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of each workload")
+    args = parser.parse_args(argv)
+    from tokenreward_service.model import ModelSpec, RewardModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = SHAPE_TINY if args.tiny else SHAPE_8B
+    dtype = torch.bfloat16 if device.type == "cuda" or args.tiny else torch.float32
+    started = time.perf_counter()
+    hf_model = build_model(shape, device, dtype)
+    spec = ModelSpec(
+        id="gpu-check-random-8b" if not args.tiny else "gpu-check-random-tiny",
+        revision="sha256:random",
+        architecture="LlamaForSequenceClassification",
+        vocab_size=shape["vocab_size"],
+        max_length=8192,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        suffix_ids=(),
+        random_weights=True,
+    )
+    model = RewardModel(hf_model, spec)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shape": shape,
+        "dtype": spec.dtype,
+        "build_s": time.perf_counter() - started,
+    }
+    peak = _peak_tflops(device)
+    url, server = _serve_in_thread(model)
+    for name in ("mixed", "group"):
+        workload = make_workload(name, vocab_size=shape["vocab_size"], scale=args.scale)
+        items = workload.items
+        context = sum((len(p) + len(r)) ** 2 / 2 for p, r in items) / max(1, workload.tokens)
+        flops = flops_per_token(shape, context)
+        model.score_batch([[1] * 64], [8])  # warm-up
+        inproc = run_inprocess(model, workload, max_batch_tokens=65536, max_batch_size=256)
+        service = run_service(url, workload)
+        entry: dict[str, Any] = {"tokens": workload.tokens, "inprocess": inproc, "service": service}
+        for key in ("inprocess", "service"):
+            achieved = entry[key]["tokens_per_s"] * flops / 1e12
+            entry[key]["tflops"] = achieved
+            entry[key]["mfu"] = achieved / peak if peak else None
+        report[name] = entry
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    server.should_exit = True
+    # Precision: the same bf16 weights, computed in float32, on a short sequence.
+    generator = torch.Generator().manual_seed(1)
+    sequence = torch.randint(0, shape["vocab_size"], (160,), generator=generator).tolist()
+    low = model.score([sequence])[0].double()
+    hf_model.to(torch.float32)
+    exact = RewardModel(hf_model, spec).score([sequence])[0].double()
+    diff_low, diff_exact = torch.diff(low[31:]), torch.diff(exact[31:])  # prompt of 32 tokens
+    report["precision"] = {
+        "sequence_tokens": len(sequence),
+        "max_abs_score_error": float((low - exact).abs().max()),
+        "max_abs_token_reward_error": float((diff_low - diff_exact).abs().max()),
+        "mean_abs_token_reward": float(diff_exact.abs().mean()),
+        "score_scale": float(exact.abs().mean()),
+    }
+    report["total_s"] = time.perf_counter() - started
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

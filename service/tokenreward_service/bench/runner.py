@@ -1,0 +1,288 @@
+"""Measure a workload through a running server, and the in-process ceiling on the same items.
+
+The service measurement drives real HTTP from ``concurrency`` clients and reads the server's
+own ``/metrics`` before and after, so padding efficiency and shared-prompt hits are what the
+server really computed. The ceiling runs the same items through the same model in this process
+with ideal batching (sorted, the same token budget), with no HTTP, JSON or queueing at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import torch
+
+from tokenreward_service.bench.workloads import Workload
+from tokenreward_service.model import RewardModel
+from tokenreward_service.redistribution import redistribute
+
+__all__ = [
+    "BENCH_MODEL_SIZES",
+    "build_bench_model",
+    "naive_ratio",
+    "run_inprocess",
+    "run_service",
+    "spawn_server",
+]
+
+BENCH_MODEL_SIZES: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 256,
+    "num_layers": 4,
+    "num_heads": 4,
+    "num_kv_heads": 4,
+    "intermediate_size": 688,
+    "max_positions": 4096,
+}
+"""A Llama RM big enough that the forward pass dominates on a CPU, as it does on a GPU."""
+
+
+def build_bench_model(folder: Path, **sizes: Any) -> Path:
+    """Save the random-weight benchmark RM to ``folder`` (once; reused when it is there)."""
+    from tokenreward_service.tiny import save_tiny_reward_model
+
+    if not (folder / "config.json").is_file():
+        save_tiny_reward_model(folder, "llama", seed=0, **{**BENCH_MODEL_SIZES, **sizes})
+    return folder
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+def _scrape(url: str, headers: dict[str, str]) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("tokenreward_") and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def run_service(
+    url: str,
+    workload: Workload,
+    *,
+    api_key: str | None = None,
+    rate: float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Send ``workload`` to ``url``: closed loop from ``workload.concurrency`` clients, or open
+    loop at ``rate`` requests/s (Poisson arrivals) for a latency measurement under load."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    bodies = [
+        orjson.dumps({"items": [{"prompt_ids": p, "response_ids": r} for p, r in request]})
+        for request in workload.requests
+    ]
+    before = _scrape(url, headers)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def send(client: httpx.AsyncClient, body: bytes) -> None:
+        started = time.perf_counter()
+        try:
+            response = await client.post(f"{url}/v1/rewards", content=body, headers=headers)
+            status = str(response.status_code)
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        if status == "200":
+            latencies.append(time.perf_counter() - started)
+        else:
+            errors[status] = errors.get(status, 0) + 1
+
+    async def closed_loop() -> None:
+        queue = list(reversed(bodies))
+        limits = httpx.Limits(max_connections=workload.concurrency)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+            async def worker() -> None:
+                while queue:
+                    await send(client, queue.pop())
+
+            await asyncio.gather(*(worker() for _ in range(workload.concurrency)))
+
+    async def open_loop(per_second: float) -> None:
+        rng = __import__("random").Random(seed)
+        async with httpx.AsyncClient(
+            timeout=600, limits=httpx.Limits(max_connections=256)
+        ) as client:
+            tasks = []
+            for body in bodies:
+                tasks.append(asyncio.ensure_future(send(client, body)))
+                await asyncio.sleep(rng.expovariate(per_second))
+            await asyncio.gather(*tasks)
+
+    started = time.perf_counter()
+    asyncio.run(closed_loop() if rate is None else open_loop(rate))
+    elapsed = time.perf_counter() - started
+    after = _scrape(url, headers)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    real = delta('tokenreward_tokens_total{kind="real"}')
+    padded = delta('tokenreward_tokens_total{kind="padded"}')
+    items = len(workload.items)
+    return {
+        "tokens_per_s": workload.tokens / elapsed,
+        "items_per_s": items / elapsed,
+        "seconds": elapsed,
+        "latency_s": _percentiles(latencies) if latencies else None,
+        "padding_efficiency": real / padded if padded else None,
+        "shared_prompt_items": delta("tokenreward_shared_prompt_items_total"),
+        "computed_share": real / delta('tokenreward_tokens_total{kind="submitted"}')
+        if real
+        else None,
+        "batches": delta("tokenreward_batch_size_count"),
+        "errors": errors,
+    }
+
+
+def _ideal_batches(workload: Workload, budget: int, cap: int) -> list[list[int]]:
+    """Items sorted by (prompt, length), packed greedily under the padded-token budget."""
+    items = workload.items
+    order = sorted(
+        range(len(items)),
+        key=lambda i: (len(items[i][0]), items[i][0][:8], sum(map(len, items[i]))),
+    )
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        length = len(items[index][0]) + len(items[index][1])
+        if current and (max(longest, length) * (len(current) + 1) > budget or len(current) >= cap):
+            batches.append(current)
+            current, longest = [], 0
+        current.append(index)
+        longest = max(longest, length)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def run_inprocess(
+    model: RewardModel, workload: Workload, *, max_batch_tokens: int, max_batch_size: int
+) -> dict[str, Any]:
+    """The ceiling: the same items, ideally batched, through the model and the math only."""
+    items = workload.items
+    batches = _ideal_batches(workload, max_batch_tokens, max_batch_size)
+    started = time.perf_counter()
+    for batch in batches:
+        sequences = [items[i][0] + items[i][1] for i in batch]
+        prompt_lens = [len(items[i][0]) for i in batch]
+        scored = model.score_batch(sequences, prompt_lens)
+        width = max(map(len, sequences))
+        padded = torch.zeros((len(batch), width))
+        for row, scores in enumerate(scored.scores):
+            padded[row, : scores.shape[0]] = scores
+        redistribute(
+            padded,
+            torch.tensor(prompt_lens),
+            torch.tensor([len(items[i][1]) for i in batch]),
+            torch.tensor([len(s) for s in sequences]),
+        ).token_rewards.tolist()
+    elapsed = time.perf_counter() - started
+    return {
+        "tokens_per_s": workload.tokens / elapsed,
+        "items_per_s": len(items) / elapsed,
+        "seconds": elapsed,
+        "batches": len(batches),
+    }
+
+
+def naive_ratio(
+    model: RewardModel, *, prompt_len: int = 128, response_len: int = 256
+) -> dict[str, float]:
+    """One forward per prefix (the O(T) baseline) against one forward for all prefixes."""
+    generator = torch.Generator().manual_seed(0)
+    sequence = torch.randint(
+        0, model.spec.vocab_size, (prompt_len + response_len,), generator=generator
+    ).tolist()
+    started = time.perf_counter()
+    model.score([sequence])
+    one_pass = time.perf_counter() - started
+    started = time.perf_counter()
+    for t in range(1, response_len + 1):
+        model.score([sequence[: prompt_len + t]])
+    per_prefix = time.perf_counter() - started
+    return {"one_pass_s": one_pass, "per_prefix_s": per_prefix, "speedup": per_prefix / one_pass}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident set (Linux ``VmHWM``), in MiB."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+@contextlib.contextmanager
+def spawn_server(args: Sequence[str]) -> Iterator[tuple[str, int]]:
+    """``tokenreward serve ARGS`` on a free port of 127.0.0.1; yields (url, pid) once ready."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tokenreward_service.cli", "serve", "--port", str(port)]
+    cmd += ["--log-level", "warning", *args]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    output = log.read().decode(errors="replace")[-2000:]
+                    raise RuntimeError(f"server exited with {proc.returncode}: {output}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not become ready")
+                time.sleep(0.2)
+            yield url, proc.pid
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def median_of(runs: Sequence[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+def cpu_count() -> int:
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
