@@ -241,7 +241,9 @@ class BaseRewardClient:
         size = 0
         for index, item in enumerate(normalised):
             # Upper bound of the item's JSON size: up to 7 characters and a comma per token id.
-            estimate = 64 + len(item.id or "") + 8 * (len(item.prompt_ids) + len(item.response_ids))
+            tokens = len(item.prompt_ids or ()) + len(item.response_ids or ())
+            text = len(item.prompt or "") + len(item.response or "")
+            estimate = 64 + len(item.id or "") + 8 * tokens + 6 * text  # JSON escapes included
             full = index - start >= self.max_items_per_request
             if index > start and (full or size + estimate > self.max_bytes_per_request):
                 chunks.append(
@@ -274,7 +276,7 @@ class BaseRewardClient:
         )
         return Chunk(
             items=span,
-            body=request.model_dump_json().encode(),
+            body=request.model_dump_json(exclude_none=True).encode(),
             request_id=uuid.uuid4().hex,
             ids=tuple(items[i].id for i in span),
         )

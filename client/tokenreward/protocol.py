@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 __all__ = [
     "ERROR_STATUS",
@@ -68,15 +68,41 @@ class _Wire(BaseModel):
 
 
 class RewardItem(_Wire):
-    """One prompt/response pair to score, as token IDs of the reward model's tokenizer."""
+    """One prompt/response pair to score.
+
+    Either as token IDs of the reward model's tokenizer (``prompt_ids`` and ``response_ids``,
+    the primary form) or as text (``prompt`` and ``response``, tokenized by the server with the
+    RM's tokenizer); never a mix of the two.
+    """
 
     id: str | None = Field(default=None, max_length=256, description="Echoed back in the result.")
-    prompt_ids: list[StrictInt] = Field(
-        description="Prompt token IDs (may be empty with baseline 'zero')."
+    prompt_ids: list[StrictInt] | None = Field(
+        default=None, description="Prompt token IDs (may be empty with baseline 'zero')."
     )
-    response_ids: list[StrictInt] = Field(
-        min_length=1, description="Response token IDs, at least one."
+    response_ids: list[StrictInt] | None = Field(
+        default=None, min_length=1, description="Response token IDs, at least one."
     )
+    prompt: str | None = Field(default=None, description="Prompt text, instead of prompt_ids.")
+    response: str | None = Field(
+        default=None, min_length=1, description="Response text, instead of response_ids."
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RewardItem:
+        ids = (self.prompt_ids is not None, self.response_ids is not None)
+        text = (self.prompt is not None, self.response is not None)
+        if ids == (True, True) and text == (False, False):
+            return self
+        if text == (True, True) and ids == (False, False):
+            return self
+        raise ValueError(
+            "an item holds either prompt_ids and response_ids, or prompt and response text; "
+            "never a mix of the two"
+        )
+
+    @property
+    def is_text(self) -> bool:
+        return self.prompt is not None
 
 
 class RewardRequest(_Wire):
@@ -112,6 +138,13 @@ class RewardResult(_Wire):
         default=None,
         description="Score after each response token (the last one includes the suffix), "
         "when requested.",
+    )
+    response_tokens: list[str] | None = Field(
+        default=None, description="For text items: the response text of each token."
+    )
+    response_offsets: list[tuple[int, int]] | None = Field(
+        default=None,
+        description="For text items: each token's [start, end) character span in the response.",
     )
 
 

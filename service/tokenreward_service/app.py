@@ -96,7 +96,10 @@ def create_app(
         await batcher.start()
         state.batcher_alive = lambda: batcher.alive
         state.service = RewardService(
-            reward_model.spec, batcher, timeout_s=settings.request_timeout_s
+            reward_model.spec,
+            batcher,
+            timeout_s=settings.request_timeout_s,
+            tokenizer=getattr(reward_model, "tokenizer", None),
         )
         state.ready = True
         try:

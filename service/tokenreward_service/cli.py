@@ -38,12 +38,22 @@ def _flag_type(annotation: Any) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tokenreward_service.config import Settings
-
     parser = argparse.ArgumentParser(
         prog="tokenreward", description="Token-level rewards for RLHF."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    _add_bench(commands)
+    _add_explain(commands)
+    return parser
+
+
+def _add_serve(commands: Any) -> None:
+    try:
+        from tokenreward_service.config import Settings
+    except ImportError:  # a client-only install: explain works, serve needs the server extra
+        commands.add_parser("serve", help="serve a reward model (needs tokenreward[server])")
+        return
     serve = commands.add_parser(
         "serve",
         help="serve a reward model over HTTP",
@@ -61,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
             **_flag_type(field.annotation),
         )
+
+
+def _add_bench(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
         help="measure throughput and latency (prints a JSON report)",
@@ -76,7 +89,46 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default=None, help="RM folder (default: the benchmark model)")
     bench.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget")
     bench.add_argument("--out", default=None, help="also write the JSON report to this file")
-    return parser
+
+
+def _add_explain(commands: Any) -> None:
+    explain = commands.add_parser(
+        "explain",
+        help="show which tokens of a response raised or lowered its score",
+        description="Score PROMPT + RESPONSE on a running server and print the response with "
+        "every token coloured by its reward.",
+    )
+    explain.add_argument("prompt")
+    explain.add_argument("response")
+    explain.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    explain.add_argument("--api-key", default=None, help="bearer key, if the server needs one")
+    explain.add_argument("--baseline", choices=["prompt", "zero"], default="prompt")
+    explain.add_argument("--beta-c", type=float, default=1.0)
+    explain.add_argument("--html", default=None, metavar="FILE", help="also write an HTML page")
+    explain.add_argument("--no-colour", action="store_true", help="plain text with values")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from tokenreward import RewardClient, RewardClientError
+    from tokenreward.explain import render_html, render_terminal
+
+    try:
+        with RewardClient(args.url, api_key=args.api_key, timeout=60.0) as client:
+            (result,) = client.rewards(
+                [{"prompt": args.prompt, "response": args.response}],
+                baseline=args.baseline,
+                beta_c=args.beta_c,
+            )
+    except RewardClientError as exc:
+        print(f"tokenreward: {exc}", file=sys.stderr)
+        return 1
+    colour = not args.no_colour and sys.stdout.isatty()
+    print(render_terminal(result, colour=colour))
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as handle:
+            handle.write(render_html(result, prompt=args.prompt))
+        print(f"wrote {args.html}")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -143,11 +195,24 @@ def _serve(overrides: dict[str, Any]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k != "command"}
+    if args.command == "serve" and not _server_installed():
+        print("tokenreward: serve needs the server extra: pip install 'tokenreward[server]'")
+        return 2
     if args.command == "serve":
         return _serve(options)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "explain":
+        return _explain(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse refuses unknown ones
+
+
+def _server_installed() -> bool:
+    try:
+        import pydantic_settings  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
