@@ -226,3 +226,13 @@ def test_light_install_pulls_no_torch_and_talks_to_a_server(
         )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok ")
+    # The command line works without the server's dependencies (explain is a client command).
+    cli = subprocess.run(
+        [str(venv / "bin" / "tokenreward"), "explain", "--help"], capture_output=True, text=True
+    )
+    assert cli.returncode == 0, cli.stderr
+    serve = subprocess.run(
+        [str(venv / "bin" / "tokenreward"), "serve"], capture_output=True, text=True
+    )
+    assert serve.returncode == 2
+    assert "tokenreward[server]" in serve.stdout
