@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -80,6 +81,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         reward_model = model if model is not None else await asyncio.to_thread(load_model, settings)
         metrics.set_model(reward_model.spec)
+        metrics.watch_gpu(torch.device(reward_model.spec.device))
         batcher = Batcher(
             reward_model,
             BatcherConfig(
@@ -100,6 +102,7 @@ def create_app(
             batcher,
             timeout_s=settings.request_timeout_s,
             tokenizer=getattr(reward_model, "tokenizer", None),
+            observer=metrics,
         )
         state.ready = True
         try:

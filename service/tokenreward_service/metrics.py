@@ -6,19 +6,85 @@ Names follow Prometheus conventions: the ``tokenreward_`` prefix, ``_total`` cou
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from tokenreward_service.batching import BatchStats
 from tokenreward_service.model import ModelSpec
+from tokenreward_service.serving import ResultObserver
 
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = tuple(0.001 * 2**i for i in range(17))  # 1 ms .. 65 s
 _SIZE_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(4, 21))  # 16 .. 1M
+_POSITIVE = tuple(0.125 * 2**i for i in range(8))  # 0.125 .. 16
+_SCORE_BUCKETS = (*(-b for b in reversed(_POSITIVE)), 0.0, *_POSITIVE)
+"""Symmetric around 0: reward-model scores are logits of either sign."""
+_REWARD_BUCKETS = tuple(1e-4 * 4**i for i in range(9))  # 1e-4 .. 6.6
 
 
-class Metrics:
+class TensorHistogram(Collector):
+    """A Prometheus histogram fed whole tensors at once (one ``bucketize`` per call).
+
+    prometheus-client observes one value per call; token rewards come thousands per request,
+    so they are counted with tensor operations and exported as an ordinary histogram.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = torch.tensor(buckets, dtype=torch.float64)
+        self.counts = torch.zeros(len(buckets) + 1, dtype=torch.int64)  # last: above every bound
+        self.total = 0.0
+        self._lock = threading.Lock()
+
+    def observe_tensor(self, values: torch.Tensor) -> None:
+        values = values.detach().to(torch.float64).flatten()
+        values = values[torch.isfinite(values)]
+        if values.numel() == 0:
+            return
+        counts = torch.bucketize(values, self.bounds).bincount(minlength=len(self.counts))
+        with self._lock:
+            self.counts += counts
+            self.total += float(values.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = torch.cumsum(self.counts, 0).tolist()
+            total = self.total
+        bounds = [*map(str, self.bounds.tolist()), "+Inf"]
+        yield HistogramMetricFamily(
+            self.name,
+            self.documentation,
+            buckets=list(zip(bounds, map(float, cumulative), strict=True)),
+            sum_value=total,
+        )
+
+
+class _GpuMemory(Collector):
+    """Allocated and reserved CUDA memory of the serving device, read at scrape time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "tokenreward_gpu_memory_bytes", "CUDA memory of the serving device.", labels=["kind"]
+        )
+        family.add_metric(["allocated"], float(torch.cuda.memory_allocated(self.device)))
+        family.add_metric(["reserved"], float(torch.cuda.memory_reserved(self.device)))
+        family.add_metric(["peak_allocated"], float(torch.cuda.max_memory_allocated(self.device)))
+        yield family
+
+
+class Metrics(ResultObserver):
     """Every metric the service exports; one instance per app, on its own registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -89,6 +155,33 @@ class Metrics:
             registry=registry,
         )
         self.model_info = Info("tokenreward_model", "The loaded reward model.", registry=registry)
+        self.scores = TensorHistogram(
+            "tokenreward_score", "Holistic sequence scores R(x, y) returned.", _SCORE_BUCKETS
+        )
+        self.prompt_scores = TensorHistogram(
+            "tokenreward_prompt_score",
+            "Prompt scores R(x, ∅) returned (the baseline of the dense rewards).",
+            _SCORE_BUCKETS,
+        )
+        self.token_rewards = TensorHistogram(
+            "tokenreward_token_reward_abs",
+            "Magnitude |r_t| of the token rewards returned.",
+            _REWARD_BUCKETS,
+        )
+        for histogram in (self.scores, self.prompt_scores, self.token_rewards):
+            registry.register(histogram)
+        self.nonfinite = Counter(
+            "tokenreward_nonfinite_outputs_total",
+            "Items whose score or rewards came out NaN or infinite (answered 500, never sent).",
+            registry=registry,
+        )
+        self.rejected_items = Counter(
+            "tokenreward_rejected_items_total",
+            "Items of requests refused after parsing, by reason (the error type).",
+            ["reason"],
+            registry=registry,
+        )
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes, cpu seconds, ...
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
@@ -103,6 +196,21 @@ class Metrics:
     def observe_queue(self, items: int, tokens: int) -> None:
         self.queue_items.set(items)
         self.queue_tokens.set(tokens)
+
+    def observe_results(
+        self, scores: torch.Tensor, prompt_scores: torch.Tensor, rewards: torch.Tensor
+    ) -> None:
+        """Distributions of what one request returned (1-D tensors of any length)."""
+        self.scores.observe_tensor(scores)
+        self.prompt_scores.observe_tensor(prompt_scores[~torch.isnan(prompt_scores)])
+        self.token_rewards.observe_tensor(rewards.abs())
+
+    def observe_nonfinite(self, items: int) -> None:
+        self.nonfinite.inc(items)
+
+    def watch_gpu(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self.registry.register(_GpuMemory(device))
 
     def set_model(self, spec: ModelSpec) -> None:
         self.model_info.info(

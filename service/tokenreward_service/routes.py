@@ -197,7 +197,11 @@ def build_router(state: AppState) -> APIRouter:
         service = state.require_service()
         body = await _read_body(request, state.max_bytes)
         reward_request = parse_reward_request(body, state.max_items)
-        result = await _unless_disconnected(service.rewards(reward_request), request.receive)
+        try:
+            result = await _unless_disconnected(service.rewards(reward_request), request.receive)
+        except ServiceError as exc:
+            state.metrics.rejected_items.labels(exc.type.value).inc(len(reward_request.items))
+            raise
         if result is None:  # the client went away; its queued items were dropped
             return Response(status_code=499)
         state.metrics.items.inc(len(result.results))

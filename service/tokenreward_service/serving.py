@@ -29,7 +29,19 @@ from tokenreward_service.errors import DeadlineExceeded, InternalError, InvalidR
 from tokenreward_service.model import ModelSpec
 from tokenreward_service.redistribution import redistribute
 
-__all__ = ["RewardService"]
+__all__ = ["ResultObserver", "RewardService"]
+
+
+class ResultObserver:
+    """What the service reports about its outputs (metrics implement it; tests may too)."""
+
+    def observe_results(
+        self, scores: torch.Tensor, prompt_scores: torch.Tensor, rewards: torch.Tensor
+    ) -> None:
+        """Scores ``[B]``, prompt scores ``[B]`` (NaN: empty prompt), token rewards (flat)."""
+
+    def observe_nonfinite(self, items: int) -> None:
+        """``items`` items came out NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -72,10 +84,17 @@ class RewardService:
     """Adapts the wire protocol to the batcher and the redistribution math."""
 
     def __init__(
-        self, spec: ModelSpec, batcher: Batcher, *, timeout_s: float, tokenizer: Any | None = None
+        self,
+        spec: ModelSpec,
+        batcher: Batcher,
+        *,
+        timeout_s: float,
+        tokenizer: Any | None = None,
+        observer: ResultObserver | None = None,
     ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
+        self._observer = observer
         self._batcher = batcher
         self._timeout_s = timeout_s
         self._ref = ModelRef(id=spec.id, revision=spec.revision)
@@ -172,7 +191,13 @@ class RewardService:
         finite &= torch.isfinite(out.score)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
+            if self._observer is not None:
+                self._observer.observe_nonfinite(int((~finite).sum()))
             raise InternalError("the model produced a non-finite score", item=bad)
+        if self._observer is not None:
+            self._observer.observe_results(
+                out.score, out.prompt_score, out.token_rewards[out.response_mask]
+            )
         rewards = out.token_rewards.tolist()
         prefixes = out.prefix_scores.tolist() if request.return_prefix_scores else None
         score = out.score.tolist()

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import LiveServer
 from tokenreward_service.config import Settings
-from tokenreward_service.model import BatchScores, RewardModel
+from tokenreward_service.model import BatchScores, RewardModel, load_reward_model
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -45,6 +47,12 @@ def test_metrics_move_after_traffic(server: LiveServer) -> None:
     assert delta("tokenreward_batch_size_count") >= 1
     assert delta("tokenreward_batch_size_sum") == 3
     assert delta("tokenreward_inference_duration_seconds_count") >= 1
+    # Score histograms have negative buckets, so (per OpenMetrics) no _sum/_count: count +Inf.
+    assert delta("tokenreward_prompt_score_bucket", le="+Inf") == 3
+    assert delta("tokenreward_token_reward_abs_count") == 12  # 3 items x 4 response tokens
+    assert delta("tokenreward_score_bucket", le="+Inf") == 3
+    assert delta("tokenreward_rejected_items_total", reason="invalid_request") == 0  # parse error
+    assert ("process_resident_memory_bytes", ()) in after
     assert ("tokenreward_queue_items", ()) in after
     assert ("tokenreward_queue_tokens", ()) in after
     info = [k for k in after if k[0] == "tokenreward_model_info"]
@@ -183,3 +191,32 @@ def test_a_vanished_client_s_queued_items_never_run(llama: RewardModel) -> None:
 
         asyncio.run(scenario())
     assert gated.seen == [2, 2]  # the 14-token item was dropped when its client went away
+
+
+def test_nonfinite_outputs_are_refused_and_counted(llama_dir: Path) -> None:
+    model = load_reward_model(llama_dir, device="cpu")
+    with torch.no_grad():
+        model._model.base_model.norm.weight[0] = float("nan")  # a broken checkpoint
+    with LiveServer(Settings(), model=model) as server:
+        body = {"items": [{"prompt_ids": [1, 2], "response_ids": [3, 4]}] * 2}
+        response = httpx.post(f"{server.url}/v1/rewards", json=body)
+        metrics = _samples(httpx.get(f"{server.url}/metrics").text)
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "internal"
+    assert response.json()["error"]["item"] == 0
+    assert metrics[("tokenreward_nonfinite_outputs_total", ())] == 2
+    assert metrics[("tokenreward_rejected_items_total", (("reason", "internal"),))] == 2
+
+
+def test_rejected_items_are_counted_by_reason(server: LiveServer) -> None:
+    before = _samples(httpx.get(f"{server.url}/metrics").text)
+    body = {
+        "items": [
+            {"prompt_ids": [1], "response_ids": [3]},
+            {"prompt_ids": [1], "response_ids": [999]},
+        ]
+    }
+    assert httpx.post(f"{server.url}/v1/rewards", json=body).status_code == 422
+    after = _samples(httpx.get(f"{server.url}/metrics").text)
+    key = ("tokenreward_rejected_items_total", (("reason", "invalid_request"),))
+    assert after[key] - before.get(key, 0.0) == 2
