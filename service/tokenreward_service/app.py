@@ -7,6 +7,7 @@ import logging
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -28,6 +29,8 @@ __all__ = ["create_app", "load_model"]
 
 log = logging.getLogger(__name__)
 
+DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
+"""The embedded default: a sentiment RM trained by ``python -m tokenreward_service.demo.train``."""
 RANDOM_MODEL_ID = "random-tiny-llama (RANDOM WEIGHTS: not a trained model)"
 
 
@@ -42,6 +45,9 @@ def load_model(settings: Settings) -> RewardModel:
     }
     if settings.model is not None:
         return load_reward_model(settings.model, **common)  # type: ignore[arg-type]
+    if (DEMO_MODEL / "config.json").is_file():
+        log.info("no --model given: serving the embedded demo sentiment RM (%s)", DEMO_MODEL)
+        return load_reward_model(DEMO_MODEL, **common)  # type: ignore[arg-type]
     from tokenreward_service.tiny import save_tiny_reward_model
 
     log.warning(
