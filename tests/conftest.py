@@ -7,7 +7,8 @@ import hypothesis  # noqa: F401  (imported up front: its pytest plugin otherwise
 import pytest  # inside a hook, where CPython 3.11.7's parser can fail with "AST constructor
 
 #                recursion depth mismatch")
-from tokenreward_service.model import RewardModel, load_reward_model
+from tokenreward_service.loading import load_reward_model
+from tokenreward_service.model import RewardModel
 from tokenreward_service.tiny import save_tiny_reward_model
 
 

@@ -6,7 +6,7 @@ replicas and return one :class:`RewardResult` per item, in order, or raise a
 server.
 """
 
-from tokenreward._base import ItemLike, RetryPolicy
+from tokenreward._base import ItemLike
 from tokenreward._client import AsyncRewardClient, RewardClient
 from tokenreward._errors import (
     APIError,
@@ -23,6 +23,7 @@ from tokenreward._errors import (
     ServerTimeoutError,
     UnauthorizedError,
 )
+from tokenreward._policy import RetryPolicy
 from tokenreward.protocol import (
     ERROR_STATUS,
     ErrorBody,

@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from tokenreward._base import BaseRewardClient, CallState, Chunk, Endpoint, ItemLike, Outcome
+from tokenreward._base import BaseRewardClient, CallState, Chunk, ItemLike, Outcome
+from tokenreward._policy import Endpoint
 from tokenreward.protocol import Baseline, ModelInfo, RewardResult
 
 __all__ = ["AsyncRewardClient", "RewardClient"]

@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry
 
 from tokenreward_service.batching import Batcher, BatcherConfig
 from tokenreward_service.config import Settings
+from tokenreward_service.loading import load_reward_model
 from tokenreward_service.metrics import Metrics
-from tokenreward_service.model import RewardModel, load_reward_model
+from tokenreward_service.model import RewardModel
 from tokenreward_service.routes import (
     AppState,
     MetricsMiddleware,

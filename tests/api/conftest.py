@@ -7,7 +7,7 @@ import pytest
 
 from tests.support import LiveServer
 from tokenreward_service.config import Settings
-from tokenreward_service.model import load_reward_model
+from tokenreward_service.loading import load_reward_model
 
 
 @pytest.fixture(scope="module")

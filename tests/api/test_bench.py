@@ -13,7 +13,7 @@ from tests.support import LiveServer
 from tokenreward_service.bench.gpu import main as gpu_main
 from tokenreward_service.bench.workloads import make_workload
 from tokenreward_service.config import Settings
-from tokenreward_service.model import load_reward_model
+from tokenreward_service.loading import load_reward_model
 
 
 def test_workloads_have_the_documented_shapes() -> None:

@@ -15,7 +15,7 @@ from tests.support import LiveServer
 from tokenreward import RewardClient, RewardResult
 from tokenreward.explain import render_html, render_terminal, token_colour
 from tokenreward_service.config import Settings
-from tokenreward_service.model import load_reward_model
+from tokenreward_service.loading import load_reward_model
 
 PROMPT, RESPONSE = "the movie was", " very good, but I hate it & <it> was bad"
 

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import LiveServer
 from tokenreward_service.config import Settings
-from tokenreward_service.model import BatchScores, RewardModel, load_reward_model
+from tokenreward_service.loading import load_reward_model
+from tokenreward_service.model import BatchScores, RewardModel
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

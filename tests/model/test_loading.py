@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokenreward_service.errors import ModelLoadError
-from tokenreward_service.model import load_reward_model, resolve_device, resolve_dtype
+from tokenreward_service.loading import load_reward_model, resolve_device, resolve_dtype
 from tokenreward_service.tiny import save_tiny_reward_model
 
 

@@ -16,7 +16,7 @@ import torch
 
 from tests.support import LiveServer, expected_rewards, reference_prefix_scores
 from tokenreward_service.config import Settings
-from tokenreward_service.model import load_reward_model
+from tokenreward_service.loading import load_reward_model
 
 ARCHITECTURES = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]
 TOLERANCE = 1e-4

@@ -12,7 +12,8 @@ import torch
 
 from tests.support import LiveServer
 from tokenreward_service.config import Settings
-from tokenreward_service.model import find_shared_prompts, load_reward_model
+from tokenreward_service.loading import load_reward_model
+from tokenreward_service.model import find_shared_prompts
 
 ARCHITECTURES = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]
 

@@ -70,7 +70,7 @@ def main_bench(
     max_batch_tokens: int,
     out: str | None,
 ) -> dict[str, Any]:
-    from tokenreward_service.model import load_reward_model
+    from tokenreward_service.loading import load_reward_model
 
     report: dict[str, Any] = {
         "machine": {
