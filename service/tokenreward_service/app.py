@@ -97,6 +97,7 @@ def create_app(
                 max_wait_s=settings.max_wait_ms / 1000.0,
                 max_queued_tokens=settings.max_queued_tokens,
                 cross_request=settings.batching == "on",
+                min_padding_efficiency=settings.min_padding_efficiency,
                 group_prompts=settings.share_prompts,
             ),
             on_batch=metrics.observe_batch,

@@ -56,6 +56,9 @@ class BatcherConfig:
     max_queued_tokens: int = 1_048_576
     cross_request: bool = True
     """False: a batch holds one request's items only (per-request batching, for comparison)."""
+    min_padding_efficiency: float = 0.9
+    """A batch stops growing when adding the next item would make real / padded tokens fall
+    below this; 0 fills the budget whatever the padding."""
     group_prompts: bool = True
     """Put items that share the anchor's prompt in its batch first (the engine shares it)."""
 
@@ -240,6 +243,7 @@ class Batcher:
                 break
             batch.append(sibling)
             longest = max(longest, sibling.length)
+        real = sum(p.length for p in batch)
         taken = set(map(id, batch))
         by_length = sorted(
             (p for p in live_for_batch if id(p) not in taken or p is anchor), key=lambda p: p.length
@@ -260,10 +264,14 @@ class Batcher:
                 assert below is not None
                 candidate, low = below, low - 1
             new_longest = max(longest, candidate.length)
-            if new_longest * (len(batch) + 1) > cfg.max_batch_tokens:
+            padded = new_longest * (len(batch) + 1)
+            if padded > cfg.max_batch_tokens:
                 break
+            if (real + candidate.length) < cfg.min_padding_efficiency * padded:
+                break  # the rest waits for a batch of its own length: padding is pure waste
             batch.append(candidate)
             longest = new_longest
+            real += candidate.length
         chosen = set(map(id, batch))
         self._queue = [p for p in live if id(p) not in chosen]
         for item in batch:

@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         default=256, ge=1, description="Most items in one forward pass, whatever their length."
     )
+    min_padding_efficiency: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="A batch stops growing when real / padded tokens would fall below this. "
+        "Higher: less compute wasted on padding, more and smaller forward passes; 0 fills the "
+        "token budget whatever the padding.",
+    )
     max_wait_ms: float = Field(
         default=2.0,
         ge=0.0,

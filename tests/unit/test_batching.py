@@ -252,3 +252,21 @@ def test_batching_off_never_mixes_requests() -> None:
         await batcher.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("floor", "expected"), [(0.9, [[10, 10], [100, 100]]), (0.0, [[10, 10, 100, 100]])]
+)
+def test_a_batch_stops_growing_before_padding_passes_the_floor(
+    floor: float, expected: list[list[int]]
+) -> None:
+    async def main() -> None:
+        engine = RecordingEngine()
+        batcher = await started(
+            engine, max_batch_tokens=4096, max_wait_s=0.05, min_padding_efficiency=floor
+        )
+        await batcher.submit([seq(n) for n in (100, 10, 100, 10)], timeout_s=5)
+        assert sorted(map(sorted, engine.batches)) == expected
+        await batcher.stop()
+
+    asyncio.run(main())
