@@ -105,6 +105,7 @@ def create_app(
         )
         await batcher.start()
         state.batcher_alive = lambda: batcher.alive
+        state.batcher_budget = lambda: batcher.batch_token_budget
         state.service = RewardService(
             reward_model.spec,
             batcher,

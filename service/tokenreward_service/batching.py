@@ -75,6 +75,7 @@ class BatchStats:
     padded_tokens: int
     """Positions the model computed, padding included (shared prompts count once)."""
     shared_items: int
+    oom_splits: int
     queue_wait_s: float
     inference_s: float
 
@@ -126,6 +127,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._tokens_per_s = 0.0
+        self._budget = config.max_batch_tokens
         self._requests = 0
 
     @property
@@ -140,6 +142,11 @@ class Batcher:
     @property
     def queued_tokens(self) -> int:
         return self._queued_tokens
+
+    @property
+    def batch_token_budget(self) -> int:
+        """The padded-token budget in force (lowered after the device ran out of memory)."""
+        return self._budget
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenreward-infer")
@@ -239,7 +246,7 @@ class Batcher:
         for sibling in siblings:
             if len(batch) >= cfg.max_batch_size:
                 break
-            if max(longest, sibling.length) * (len(batch) + 1) > cfg.max_batch_tokens:
+            if max(longest, sibling.length) * (len(batch) + 1) > self._budget:
                 break
             batch.append(sibling)
             longest = max(longest, sibling.length)
@@ -265,7 +272,7 @@ class Batcher:
                 candidate, low = below, low - 1
             new_longest = max(longest, candidate.length)
             padded = new_longest * (len(batch) + 1)
-            if padded > cfg.max_batch_tokens:
+            if padded > self._budget:
                 break
             if (real + candidate.length) < cfg.min_padding_efficiency * padded:
                 break  # the rest waits for a batch of its own length: padding is pure waste
@@ -283,7 +290,7 @@ class Batcher:
         if self._closing:
             return True
         longest = max((p.length for p in self._queue), default=0)
-        full = longest * len(self._queue) >= self._config.max_batch_tokens or (
+        full = longest * len(self._queue) >= self._budget or (
             len(self._queue) >= self._config.max_batch_size
         )
         return full or self._clock() - first_seen >= self._config.max_wait_s
@@ -337,6 +344,10 @@ class Batcher:
                         p.future.set_exception(InternalError(f"forward pass failed: {exc}"))
                 continue
             elapsed = self._clock() - started
+            if scored.oom_splits and self._budget > 1024:
+                # The device ran out of memory at this budget: later batches get a smaller one.
+                self._budget = max(1024, self._budget // 2)
+                log.warning("out of device memory: batch token budget lowered to %d", self._budget)
             for p, result in zip(batch, scored.scores, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
@@ -354,6 +365,7 @@ class Batcher:
                         real_tokens=scored.real_tokens,
                         padded_tokens=scored.computed_tokens,
                         shared_items=scored.shared_items,
+                        oom_splits=scored.oom_splits,
                         queue_wait_s=started - min(p.enqueued for p in batch),
                         inference_s=elapsed,
                     )

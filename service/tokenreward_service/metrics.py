@@ -142,6 +142,11 @@ class Metrics(ResultObserver):
             "Items scored against a prompt computed once for their group (shared-prompt hits).",
             registry=registry,
         )
+        self.oom_splits = Counter(
+            "tokenreward_oom_splits_total",
+            "Batches split in two and retried after running out of device memory.",
+            registry=registry,
+        )
         self.queue_wait = Histogram(
             "tokenreward_queue_wait_seconds",
             "Time the oldest item of a batch waited before its forward pass.",
@@ -190,6 +195,7 @@ class Metrics(ResultObserver):
         self.tokens.labels("real").inc(stats.real_tokens)
         self.tokens.labels("padded").inc(stats.padded_tokens)
         self.shared_items.inc(stats.shared_items)
+        self.oom_splits.inc(stats.oom_splits)
         self.queue_wait.observe(stats.queue_wait_s)
         self.inference.observe(stats.inference_s)
 

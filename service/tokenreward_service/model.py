@@ -31,6 +31,8 @@ class BatchScores:
     """Tokens run through the model, padding excluded (a shared prompt counts once)."""
     shared_items: int
     """Items whose prompt was computed once for its whole group."""
+    oom_splits: int = 0
+    """Times the batch ran out of device memory and was split in two to be retried."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,29 @@ class RewardModel:
         return scores
 
     def score_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> BatchScores:
+        """:meth:`score_shared`, splitting the batch in two and retrying each half when the
+        device runs out of memory (a batch of one that does not fit is a real error)."""
+        try:
+            return self.score_shared(sequences, prompt_lens)
+        except torch.cuda.OutOfMemoryError:
+            if len(sequences) == 1:
+                raise
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        mid = len(sequences) // 2
+        first = self.score_batch(sequences[:mid], prompt_lens[:mid])
+        second = self.score_batch(sequences[mid:], prompt_lens[mid:])
+        return BatchScores(
+            scores=first.scores + second.scores,
+            computed_tokens=first.computed_tokens + second.computed_tokens,
+            real_tokens=first.real_tokens + second.real_tokens,
+            shared_items=first.shared_items + second.shared_items,
+            oom_splits=1 + first.oom_splits + second.oom_splits,
+        )
+
+    def score_shared(
         self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
     ) -> BatchScores:
         """Like :meth:`score`, but items that share a prompt have it computed once.

@@ -53,6 +53,7 @@ class AppState:
         self.service: RewardService | None = None
         self.ready = False
         self.batcher_alive: Callable[[], bool] = lambda: False
+        self.batcher_budget: Callable[[], int] = lambda: 0
 
     def require_service(self) -> RewardService:
         if self.service is None or not self.ready:
