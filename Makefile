@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install serve test lint typecheck bench gpu-check clean
+.PHONY: install system-deps serve test lint typecheck e2e bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian packages the tests need (Prometheus, docker-compose); installs what is missing.
+system-deps:
+	scripts/system-deps.sh
 
 serve: $(STAMP)
 	$(BIN)/tokenreward serve $(ARGS)
@@ -26,8 +30,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+test: system-deps lint typecheck
 	$(BIN)/pytest $(ARGS)
+
+# The container image and the compose stack for real, with podman (see deploy/README.md).
+e2e: $(STAMP)
+	scripts/system-deps.sh e2e
+	deploy/e2e/run.sh
 
 # Throughput benchmark: every workload and comparison, medians of 3 runs (about 15 minutes on
 # 2 CPU cores). The JSON report is printed and written to bench-results.json.

@@ -1,0 +1,182 @@
+"""Shared by the deployment tests: paths, required tools, the dashboard's queries, Dockerfile
+and .dockerignore reading."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tokenreward.json"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+K8S = DEPLOY / "k8s"
+HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
+
+# How to get each outside tool; the project's CI installs them, so a missing one is a failure.
+INSTALL = {
+    "prometheus": "apt-get install -y prometheus  (Debian; installs /usr/bin/prometheus)",
+    "promtool": "apt-get install -y prometheus  (Debian; installs /usr/bin/promtool)",
+    "docker-compose": "apt-get install -y docker-compose  (Debian; `config` needs no engine)",
+}
+
+
+def require_tool(name: str) -> str:
+    """The path of an installed command, or a failure saying how to install it."""
+    found = shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/bin") / name, Path("/usr/local/bin") / name) if p.is_file()),
+        None,
+    )
+    if found is None:
+        pytest.fail(f"`{name}` is not installed; install it with: {INSTALL[name]}", pytrace=False)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The dashboard
+
+
+def load_dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, those inside collapsed rows included."""
+    for panel in panels:
+        yield panel
+        yield from iter_panels(panel.get("panels", []))
+
+
+@dataclass(frozen=True)
+class Query:
+    where: str
+    """``panel title / refId`` or ``variable name``: where the expression is in the dashboard."""
+    expr: str
+    """As written in the dashboard, Grafana variables included."""
+    instant: bool = False
+
+
+def dashboard_queries(dashboard: dict[str, Any] | None = None) -> list[Query]:
+    """Every PromQL expression of the dashboard: panel targets and query variables."""
+    dashboard = dashboard if dashboard is not None else load_dashboard()
+    queries = []
+    for panel in iter_panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            queries.append(
+                Query(
+                    f"{panel['title']} / {target['refId']}",
+                    target["expr"],
+                    bool(target.get("instant", False)),
+                )
+            )
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable["type"] == "query":
+            definition = variable["definition"]
+            match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", definition)
+            assert match, f"variable {variable['name']}: unexpected query {definition!r}"
+            # label_values(SELECTOR, LABEL) is Grafana's, not PromQL: its series come from
+            # SELECTOR, which must be valid PromQL with data.
+            queries.append(Query(f"variable {variable['name']}", match.group(1), True))
+    return queries
+
+
+# What Grafana substitutes, and what the tests put in its place: "All" replicas, and a rate
+# window that covers the whole test.
+VARIABLE_VALUES = {"__rate_interval": "1m", "__interval": "15s", "instance": ".*"}
+
+
+def substitute(expr: str) -> str:
+    """``expr`` with every Grafana variable replaced; an unknown variable is an error."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in VARIABLE_VALUES:
+            raise AssertionError(f"unknown Grafana variable ${name} in {expr!r}")
+        return VARIABLE_VALUES[name]
+
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", value, expr)
+
+
+METRIC_NAME = re.compile(r"\b((?:tokenreward|process)_[a-zA-Z0-9_]+)\b")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The tokenreward_* and process_* series names an expression reads."""
+    return set(METRIC_NAME.findall(expr))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dockerfile and .dockerignore
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+    stage: int
+    """Index of the build stage (-1: before the first FROM)."""
+
+
+def dockerfile_instructions(path: Path = REPO / "Dockerfile") -> list[Instruction]:
+    """Instructions with continuation lines joined and comments dropped."""
+    out: list[Instruction] = []
+    stage = -1
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            stage += 1
+        out.append(Instruction(keyword, " ".join(args.split()), stage))
+    assert not pending, "the Dockerfile ends in a continuation line"
+    return out
+
+
+def dockerignore_patterns(path: Path = REPO / ".dockerignore") -> list[tuple[bool, str]]:
+    """(is an exception ``!``, pattern) in file order."""
+    out = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        out.append((negated, line.lstrip("!").strip("/")))
+    return out
+
+
+def _pattern_matches(pattern: str, path: str) -> bool:
+    if "**" in pattern:
+        regex = re.escape(pattern).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*")
+        regex = regex.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        return re.fullmatch(regex, path) is not None
+    return fnmatch.fnmatchcase(path, pattern) and path.count("/") == pattern.count("/")
+
+
+def in_build_context(relative: str, patterns: list[tuple[bool, str]] | None = None) -> bool:
+    """Whether Docker sends ``relative`` (a path in the repository) with the build context:
+    the last pattern matching the path or one of its parent folders decides."""
+    patterns = patterns if patterns is not None else dockerignore_patterns()
+    parts = relative.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    included = True
+    for negated, pattern in patterns:
+        if any(_pattern_matches(pattern, candidate) for candidate in candidates):
+            included = negated
+    return included
