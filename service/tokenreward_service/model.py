@@ -254,12 +254,3 @@ def _right_pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.
         input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         attention_mask[row, : len(seq)] = 1
     return input_ids, attention_mask
-
-
-def __getattr__(name: str) -> Any:
-    """``load_reward_model`` and friends moved to :mod:`tokenreward_service.loading`."""
-    if name in ("load_reward_model", "resolve_device", "resolve_dtype", "content_revision"):
-        from tokenreward_service import loading
-
-        return getattr(loading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
