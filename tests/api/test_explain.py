@@ -89,3 +89,32 @@ def test_ids_only_results_cannot_be_explained() -> None:
     result = RewardResult(id=None, token_rewards=[0.1], score=0.1, prompt_score=0.0)
     with pytest.raises(ValueError, match="as text"):
         render_terminal(result)
+
+
+def test_explain_on_the_demo_rm() -> None:
+    """The embedded demo RM: the page holds every token in order, colours follow the signs,
+    and the sentiment words carry the credit."""
+    from tokenreward_service.app import DEMO_MODEL
+
+    model = load_reward_model(DEMO_MODEL, device="cpu")
+    text = "I love this phone, but the battery life is terrible"
+    with LiveServer(Settings(), model=model) as server, RewardClient(server.url) as client:
+        (result,) = client.rewards([{"prompt": "", "response": text}])
+    page = render_html(result, prompt="")
+    spans = re.findall(
+        r'data-reward="([^"]+)" style="background: rgb\((\d+), (\d+), \d+\)"[^>]*>(.*?)</span>',
+        page,
+    )
+    assert "".join(html.unescape(s[3]) for s in spans) == text
+    scale = max(abs(float(s[0])) for s in spans)
+    for value, r, g, _ in spans:
+        if abs(float(value)) < 0.02 * scale:  # all but white: the hue cannot show in 8 bits
+            assert min(int(r), int(g)) >= 250
+        elif float(value) > 0:
+            assert int(g) > int(r)
+        else:
+            assert int(r) > int(g)
+    tokens = result.response_tokens or []
+    rewards = dict(zip(tokens, result.token_rewards, strict=True))
+    assert max(rewards, key=rewards.__getitem__) == " love"
+    assert rewards[" terrible"] < 0
