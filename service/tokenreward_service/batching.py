@@ -78,6 +78,8 @@ class BatchStats:
     oom_splits: int
     queue_wait_s: float
     inference_s: float
+    budget: int
+    """The padded-token budget in force after this batch (halved when it ran out of memory)."""
 
 
 @dataclass(frozen=True)
@@ -231,54 +233,47 @@ class Batcher:
             return []
         anchor = live[0]  # the oldest: FIFO insertion order
         cfg = self._config
-        if not cfg.cross_request:
-            live_for_batch = [p for p in live if p.request == anchor.request]
-        else:
-            live_for_batch = live
-        # Items that share the anchor's prompt come first: their prompt is computed once.
-        key = anchor.prompt_key
-        shareable = cfg.group_prompts and len(key) >= MIN_SHARED_PROMPT
-        siblings = [
-            p for p in live_for_batch if shareable and p is not anchor and p.prompt_key == key
-        ]
-        batch = [anchor]
-        longest = anchor.length
-        for sibling in siblings:
-            if len(batch) >= cfg.max_batch_size:
-                break
-            if max(longest, sibling.length) * (len(batch) + 1) > self._budget:
-                break
-            batch.append(sibling)
-            longest = max(longest, sibling.length)
-        real = sum(p.length for p in batch)
-        taken = set(map(id, batch))
-        by_length = sorted(
-            (p for p in live_for_batch if id(p) not in taken or p is anchor), key=lambda p: p.length
+        candidates = live if cfg.cross_request else [p for p in live if p.request == anchor.request]
+        # Units: the items that share a prompt go together (the engine computes it once for
+        # them; split across batches it would be computed again, or in full for a lone item).
+        units: dict[object, list[_Pending]] = {}
+        for p in candidates:
+            shared = cfg.group_prompts and len(p.prompt_key) >= MIN_SHARED_PROMPT
+            units.setdefault(p.prompt_key if shared else id(p), []).append(p)
+        first = next(unit for unit in units.values() if unit[0] is anchor)
+        batch: list[_Pending] = []
+        longest = real = 0
+        for item in sorted(first, key=lambda p: p is not anchor):  # the anchor, then siblings
+            padded = max(longest, item.length) * (len(batch) + 1)
+            if batch and (padded > self._budget or len(batch) >= cfg.max_batch_size):
+                break  # a group bigger than a batch: the rest of it leads a later batch
+            batch.append(item)
+            longest, real = max(longest, item.length), real + item.length
+        others = sorted(
+            ((max(p.length for p in unit), unit) for unit in units.values() if unit is not first),
+            key=lambda pair: pair[0],
         )
-        position = by_length.index(anchor)
-        low, high = position - 1, position + 1
-        while len(batch) < cfg.max_batch_size:
-            # Take the neighbour (in length) that adds least padding; stop at the budget.
-            below = by_length[low] if low >= 0 else None
-            above = by_length[high] if high < len(by_length) else None
-            if below is None and above is None:
-                break
-            if above is not None and (
-                below is None or above.length - anchor.length <= anchor.length - below.length
+        # Grow outwards in length from the anchor's unit, nearest first, whole units only.
+        low = sum(1 for length, _ in others if length < anchor.length) - 1
+        high = low + 1
+        while len(batch) < cfg.max_batch_size and (low >= 0 or high < len(others)):
+            if high < len(others) and (
+                low < 0 or others[high][0] - anchor.length <= anchor.length - others[low][0]
             ):
-                candidate, high = above, high + 1
+                unit_longest, unit = others[high]
+                high += 1
             else:
-                assert below is not None
-                candidate, low = below, low - 1
-            new_longest = max(longest, candidate.length)
-            padded = new_longest * (len(batch) + 1)
-            if padded > self._budget:
+                unit_longest, unit = others[low]
+                low -= 1
+            new_longest = max(longest, unit_longest)
+            count = len(batch) + len(unit)
+            if new_longest * count > self._budget or count > cfg.max_batch_size:
                 break
-            if (real + candidate.length) < cfg.min_padding_efficiency * padded:
+            added = sum(p.length for p in unit)
+            if real + added < cfg.min_padding_efficiency * new_longest * count:
                 break  # the rest waits for a batch of its own length: padding is pure waste
-            batch.append(candidate)
-            longest = new_longest
-            real += candidate.length
+            batch.extend(unit)
+            longest, real = new_longest, real + added
         chosen = set(map(id, batch))
         self._queue = [p for p in live if id(p) not in chosen]
         for item in batch:
@@ -368,5 +363,6 @@ class Batcher:
                         oom_splits=scored.oom_splits,
                         queue_wait_s=started - min(p.enqueued for p in batch),
                         inference_s=elapsed,
+                        budget=self._budget,
                     )
                 )

@@ -270,3 +270,34 @@ def test_a_batch_stops_growing_before_padding_passes_the_floor(
         await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_a_group_that_fits_is_never_split_across_batches() -> None:
+    # Length alone would pick B's 20-token item (and C's) to join A; as units, C joins whole and
+    # B, which no longer fits beside them, leads the next batch whole.
+    async def main() -> None:
+        engine = RecordingEngine()
+        batcher = await started(engine, max_batch_tokens=240, max_wait_s=0.05)
+
+        def group(prompt: int, lengths: list[int]) -> list[Job]:
+            return [Job([prompt] * 10 + [i] * (n - 10), 10) for i, n in enumerate(lengths)]
+
+        a, b, c = group(7, [20] * 4), group(8, [20, 30, 30, 30]), group(9, [21] * 4)
+        await batcher.submit([*a, *b, *c], timeout_s=5)
+        assert sorted(map(sorted, engine.batches)) == [[20] * 4 + [21] * 4, [20, 30, 30, 30]]
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_a_group_larger_than_the_budget_fills_batches_in_turn() -> None:
+    async def main() -> None:
+        engine = RecordingEngine()
+        batcher = await started(engine, max_batch_tokens=60, max_wait_s=0.05)
+        jobs = [Job([7] * 10 + [i] * 10, 10) for i in range(7)]  # 7 x 20 tokens, budget 3 x 20
+        results = await batcher.submit(jobs, timeout_s=5)
+        assert engine.batches == [[20] * 3, [20] * 3, [20]]
+        assert [float(r[-1]) for r in results] == [70.0 + 10 * i for i in range(7)]
+        await batcher.stop()
+
+    asyncio.run(main())
