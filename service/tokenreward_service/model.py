@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_SHARED_PROMPT", "BatchScores", "ModelSpec", "RewardModel", "find_shared_prompts"]
+__all__ = [
+    "MIN_SHARED_PROMPT",
+    "BatchScores",
+    "ModelSpec",
+    "RewardModel",
+    "find_shared_prompts",
+    "right_pad",
+]
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,7 @@ class RewardModel:
         self, sequences: Sequence[Sequence[int]]
     ) -> tuple[list[torch.Tensor], int]:
         lengths = [len(seq) for seq in sequences]
-        input_ids, attention_mask = _right_pad(sequences)
+        input_ids, attention_mask = right_pad(sequences)
         scores = self.score_padded(
             input_ids.to(self._device, non_blocking=True),
             attention_mask.to(self._device, non_blocking=True),
@@ -186,11 +193,11 @@ class RewardModel:
         """Two passes: every group's prompt once (keeping the key/value cache), then every
         grouped item's response against its own prompt's cache rows."""
         prompts = [sequences[group[0]][: prompt_lens[group[0]]] for group in groups]
-        prompt_ids, prompt_mask = _right_pad(prompts)
+        prompt_ids, prompt_mask = right_pad(prompts)
         members = [index for group in groups for index in group]
         owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], dtype=torch.long)
         responses = [sequences[index][prompt_lens[index] :] for index in members]
-        response_ids, response_mask = _right_pad(responses)
+        response_ids, response_mask = right_pad(responses)
         plen = torch.tensor([prompt_lens[index] for index in members], dtype=torch.long)
         positions = plen.unsqueeze(1) + torch.arange(response_ids.shape[1]).unsqueeze(0)
         device = self._device
@@ -246,7 +253,7 @@ def find_shared_prompts(
     return groups, sorted(singles)
 
 
-def _right_pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(seq) for seq in sequences)
     input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -3,14 +3,18 @@ only that every measurement is made and reported)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.support import LiveServer
 from tokenreward_service.bench.gpu import main as gpu_main
+from tokenreward_service.bench.runner import ideal_batches
 from tokenreward_service.bench.workloads import make_workload
 from tokenreward_service.config import Settings
 from tokenreward_service.loading import load_reward_model
@@ -32,6 +36,26 @@ def test_workloads_have_the_documented_shapes() -> None:
     assert make_workload("mixed", vocab_size=32000).items == mixed.items  # seeded
 
 
+def test_the_ceiling_packs_every_item_once_sorted_under_the_budget() -> None:
+    for name in ("mixed", "group"):
+        workload = make_workload(name, vocab_size=32000, scale=0.25)
+        items = workload.items
+        batches = ideal_batches(workload, 4096, 16)
+        flat = [i for batch in batches for i in batch]
+        assert sorted(flat) == list(range(len(items)))
+        for batch in batches:
+            longest = max(len(items[i][0]) + len(items[i][1]) for i in batch)
+            assert len(batch) <= 16
+            assert longest * len(batch) <= 4096 or len(batch) == 1
+        if name == "mixed":  # no shared prompts: plain length order
+            lengths = [len(items[i][0]) + len(items[i][1]) for i in flat]
+            assert lengths == sorted(lengths)
+        else:  # a group's items are adjacent, so the engine computes its prompt once
+            prompts = [tuple(items[i][0]) for i in flat]
+            runs = sum(1 for a, b in itertools.pairwise(prompts) if a != b) + 1
+            assert runs == len(set(prompts))
+
+
 def test_full_bench_runs_end_to_end(model_dir: Callable[..., Path], tmp_path: Path) -> None:
     folder = model_dir("llama", seed=5, max_positions=4096)
     out = tmp_path / "bench.json"
@@ -46,6 +70,7 @@ def test_full_bench_runs_end_to_end(model_dir: Callable[..., Path], tmp_path: Pa
         assert 0 < workload["service"]["padding_efficiency"] <= 1
         assert workload["inprocess_ceiling"]["tokens_per_s"] > 0
         assert workload["server_peak_rss_mb"] > 0
+    assert 0 < mixed["service"]["model_busy_share"] <= 1.05
     assert mixed["batching_off"]["tokens_per_s"] > 0
     assert mixed["half_load"]["latency_s"]["p99"] > 0
     assert group["service"]["shared_prompt_items"] == len(
@@ -73,5 +98,14 @@ def test_bench_against_a_running_server(model_dir: Callable[..., Path], tmp_path
     assert report["workloads"]["mixed"]["service"]["errors"] == {}
 
 
-def test_gpu_check_runs_on_cpu_with_a_tiny_shape(capsys: object) -> None:
+def test_gpu_check_runs_on_cpu_with_a_tiny_shape(capsys: pytest.CaptureFixture[str]) -> None:
     assert gpu_main(["--tiny", "--scale", "0.02"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for name in ("mixed", "group"):
+        assert report[name]["service"]["errors"] == {}
+        assert report[name]["inprocess"]["tokens_per_s"] > 0
+    host = report["mixed"]["host_side"]
+    assert host["prepare_s"] > 0
+    assert host["forward_s"] > 0
+    assert 0 < host["share"] < 1
+    assert report["precision"]["max_abs_token_reward_error"] >= 0

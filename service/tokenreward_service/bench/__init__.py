@@ -112,9 +112,10 @@ def main_bench(
         workload = make_workload(name, vocab_size=vocab, scale=scale)
         _log(f"{name}: {len(workload.items)} items, {workload.tokens} tokens")
         result: dict[str, Any] = {"items": len(workload.items), "tokens": workload.tokens}
-        with spawn_server(serve_args) as (server, pid):
+        with spawn_server(serve_args) as spawned:
+            server = spawned.url
             result["service"] = _service(server, workload, runs)
-            result["server_peak_rss_mb"] = peak_rss_mb(pid)
+            result["server_peak_rss_mb"] = peak_rss_mb(spawned.process.pid)
             if name == "mixed":
                 saturated = result["service"]["items_per_s"] / 8  # requests/s
                 result["half_load"] = _median(
@@ -133,15 +134,15 @@ def main_bench(
         )
         if name == "mixed":
             _log("mixed: per-request batching (--batching off)")
-            with spawn_server([*serve_args, "--batching", "off"]) as (server, _):
-                result["batching_off"] = _service(server, workload, runs)
+            with spawn_server([*serve_args, "--batching", "off"]) as spawned:
+                result["batching_off"] = _service(spawned.url, workload, runs)
             result["batching_speedup"] = (
                 result["service"]["tokens_per_s"] / result["batching_off"]["tokens_per_s"]
             )
         if name == "group":
             _log("group: every item scored in full (--share-prompts false)")
-            with spawn_server([*serve_args, "--share-prompts", "false"]) as (server, _):
-                result["no_sharing"] = _service(server, workload, runs)
+            with spawn_server([*serve_args, "--share-prompts", "false"]) as spawned:
+                result["no_sharing"] = _service(spawned.url, workload, runs)
             result["sharing_speedup"] = (
                 result["service"]["tokens_per_s"] / result["no_sharing"]["tokens_per_s"]
             )

@@ -5,8 +5,9 @@
 
 It builds the RM with random weights directly on the device (nothing is downloaded or written
 to disk), then reports tokens/s and model FLOP utilisation (MFU) for the in-process forward and
-for a real uvicorn server on 127.0.0.1 on the ``mixed`` and ``group`` workloads, and the
-precision of the bf16 rewards against the same weights computed in float32.
+for a real uvicorn server on 127.0.0.1 on the ``mixed`` and ``group`` workloads, the share of
+time the host spends preparing batches (padding, copy to the device) against the forward pass,
+and the precision of the bf16 rewards against the same weights computed in float32.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tokenreward_service.bench.runner import run_inprocess, run_service
+from tokenreward_service.bench.runner import ideal_batches, run_inprocess, run_service
 from tokenreward_service.bench.workloads import make_workload
 
 SHAPE_8B: dict[str, int] = {
@@ -68,6 +69,35 @@ def build_model(shape: dict[str, int], device: torch.device, dtype: torch.dtype)
     with torch.device(device):
         model: Any = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
     return model.to(dtype).eval()
+
+
+def host_side_share(model: Any, workload: Any, max_batch_tokens: int) -> dict[str, float]:
+    """Time the host spends preparing each batch (padding into tensors and copying them to the
+    device) against the forward pass, over the workload's ideal batches. A small share means
+    preparing the next batch while the current one runs cannot gain more than that share."""
+    from tokenreward_service.model import right_pad
+
+    device = torch.device(model.spec.device)
+    items = workload.items
+    prepare = forward = 0.0
+    for batch in ideal_batches(workload, max_batch_tokens, 256):
+        sequences = [items[i][0] + items[i][1] for i in batch]
+        _sync(device)
+        started = time.perf_counter()
+        ids, mask = right_pad(sequences)
+        ids, mask = ids.to(device), mask.to(device)
+        _sync(device)
+        prepared = time.perf_counter()
+        model.score_padded(ids, mask).cpu()
+        _sync(device)
+        prepare += prepared - started
+        forward += time.perf_counter() - prepared
+    return {"prepare_s": prepare, "forward_s": forward, "share": prepare / (prepare + forward)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _serve_in_thread(model: Any) -> tuple[str, Any]:
@@ -128,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         inproc = run_inprocess(model, workload, max_batch_tokens=65536, max_batch_size=256)
         service = run_service(url, workload)
         entry: dict[str, Any] = {"tokens": workload.tokens, "inprocess": inproc, "service": service}
+        if name == "mixed":
+            entry["host_side"] = host_side_share(model, workload, 65536)
         for key in ("inprocess", "service"):
             achieved = entry[key]["tokens_per_s"] * flops / 1e12
             entry[key]["tflops"] = achieved

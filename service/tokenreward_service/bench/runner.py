@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from tokenreward_service.redistribution import redistribute
 
 __all__ = [
     "BENCH_MODEL_SIZES",
+    "SpawnedServer",
     "build_bench_model",
+    "ideal_batches",
     "naive_ratio",
     "run_inprocess",
     "run_service",
@@ -156,27 +159,38 @@ def run_service(
         if real
         else None,
         "batches": delta("tokenreward_batch_size_count"),
+        # Share of the wall time the model was computing: what is left is HTTP, JSON,
+        # queueing and scheduling (and clients not sending).
+        "model_busy_share": delta("tokenreward_inference_duration_seconds_sum") / elapsed,
         "errors": errors,
     }
 
 
-def _ideal_batches(workload: Workload, budget: int, cap: int) -> list[list[int]]:
-    """Items sorted by (prompt, length), packed greedily under the padded-token budget."""
+def ideal_batches(workload: Workload, budget: int, cap: int) -> list[list[int]]:
+    """Every item known in advance, sorted by length and packed greedily under the padded-token
+    budget and the size cap. Items that share a prompt stay together (the engine computes their
+    prompt once), their group placed by its longest item."""
     items = workload.items
-    order = sorted(
-        range(len(items)),
-        key=lambda i: (len(items[i][0]), items[i][0][:8], sum(map(len, items[i]))),
-    )
+
+    def length(index: int) -> int:
+        return len(items[index][0]) + len(items[index][1])
+
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for index, (prompt, _) in enumerate(items):
+        by_prompt.setdefault(tuple(prompt), []).append(index)
+    units = sorted(by_prompt.values(), key=lambda unit: max(map(length, unit)))
+    order = [index for unit in units for index in sorted(unit, key=length)]
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
     for index in order:
-        length = len(items[index][0]) + len(items[index][1])
-        if current and (max(longest, length) * (len(current) + 1) > budget or len(current) >= cap):
+        if current and (
+            max(longest, length(index)) * (len(current) + 1) > budget or len(current) >= cap
+        ):
             batches.append(current)
             current, longest = [], 0
         current.append(index)
-        longest = max(longest, length)
+        longest = max(longest, length(index))
     if current:
         batches.append(current)
     return batches
@@ -187,7 +201,7 @@ def run_inprocess(
 ) -> dict[str, Any]:
     """The ceiling: the same items, ideally batched, through the model and the math only."""
     items = workload.items
-    batches = _ideal_batches(workload, max_batch_tokens, max_batch_size)
+    batches = ideal_batches(workload, max_batch_tokens, max_batch_size)
     started = time.perf_counter()
     for batch in batches:
         sequences = [items[i][0] + items[i][1] for i in batch]
@@ -245,29 +259,49 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class SpawnedServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
 @contextlib.contextmanager
-def spawn_server(args: Sequence[str]) -> Iterator[tuple[str, int]]:
-    """``tokenreward serve ARGS`` on a free port of 127.0.0.1; yields (url, pid) once ready."""
+def spawn_server(
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    api_key: str | None = None,
+    ready_timeout_s: float = 300.0,
+) -> Iterator[SpawnedServer]:
+    """``tokenreward serve ARGS`` on a free port of 127.0.0.1, once ``/readyz`` answers 200.
+
+    ``env`` is added to this process's environment; ``api_key`` is sent to ``/readyz`` when
+    the server requires one. Its output goes to a temporary file (never a pipe that could fill
+    and block it), whose end is in the error if it exits before it is ready. SIGTERM on exit.
+    """
     port = _free_port()
     cmd = [sys.executable, "-m", "tokenreward_service.cli", "serve", "--port", str(port)]
     cmd += ["--log-level", "warning", *args]
     url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + ready_timeout_s
             while True:
                 if proc.poll() is not None:
                     log.seek(0)
-                    output = log.read().decode(errors="replace")[-2000:]
-                    raise RuntimeError(f"server exited with {proc.returncode}: {output}")
+                    output = log.read().decode(errors="replace")[-4000:]
+                    raise RuntimeError(f"server exited with {proc.returncode}:\n{output}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    if httpx.get(f"{url}/readyz", headers=headers, timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError("server did not become ready")
-                time.sleep(0.2)
-            yield url, proc.pid
+                    raise RuntimeError(f"server did not become ready in {ready_timeout_s} s")
+                time.sleep(0.1)
+            yield SpawnedServer(url, proc)
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
