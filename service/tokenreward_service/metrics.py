@@ -147,6 +147,12 @@ class Metrics(ResultObserver):
             "Batches split in two and retried after running out of device memory.",
             registry=registry,
         )
+        self.batch_budget = Gauge(
+            "tokenreward_batch_token_budget",
+            "Padded-token budget per forward pass in force (halved after running out of "
+            "device memory).",
+            registry=registry,
+        )
         self.queue_wait = Histogram(
             "tokenreward_queue_wait_seconds",
             "Time the oldest item of a batch waited before its forward pass.",
@@ -196,6 +202,7 @@ class Metrics(ResultObserver):
         self.tokens.labels("padded").inc(stats.padded_tokens)
         self.shared_items.inc(stats.shared_items)
         self.oom_splits.inc(stats.oom_splits)
+        self.batch_budget.set(stats.budget)
         self.queue_wait.observe(stats.queue_wait_s)
         self.inference.observe(stats.inference_s)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import free_port, serve_process
+from tests.support import free_port
+from tokenreward_service.bench.runner import spawn_server
 from tokenreward_service.cli import build_parser
 from tokenreward_service.config import Settings
 
@@ -33,7 +34,8 @@ def test_quick_start_is_make_serve_and_make_test() -> None:
 
 def test_readme_curl_example_runs_against_tokenreward_serve(llama_dir: Path) -> None:
     (example,) = [block for block in _code_blocks("bash") if block.startswith("curl")]
-    with serve_process(["--model", str(llama_dir)]) as (url, _, _):
+    with spawn_server(["--model", str(llama_dir)]) as server:
+        url = server.url
         command = example.replace("http://127.0.0.1:8000", url)
         assert command != example
         out = subprocess.run(
@@ -81,7 +83,10 @@ def test_settings_come_from_environment_and_flags_win(
 def test_serve_process_reads_flags_and_environment(model_dir: Callable[..., Path]) -> None:
     folder = model_dir("gpt2", seed=3)
     env = {"TOKENREWARD_MAX_LENGTH": "64", "TOKENREWARD_API_KEYS": "key-abcdefgh"}
-    with serve_process(["--model", str(folder), "--suffix-ids", "2"], env=env) as (url, _, _):
+    with spawn_server(
+        ["--model", str(folder), "--suffix-ids", "2"], env=env, api_key="key-abcdefgh"
+    ) as server:
+        url = server.url
         headers = {"Authorization": "Bearer key-abcdefgh"}
         info = httpx.get(f"{url}/v1/model", headers=headers).json()
         assert info["architecture"] == "GPT2ForSequenceClassification"
@@ -92,7 +97,8 @@ def test_serve_process_reads_flags_and_environment(model_dir: Callable[..., Path
 
 
 def test_serve_without_a_model_serves_the_embedded_demo_rm() -> None:
-    with serve_process([]) as (url, _, _):
+    with spawn_server([]) as server:
+        url = server.url
         info = httpx.get(f"{url}/v1/model").json()
         body = {"items": [{"prompt": "", "response": "I love this so much"}]}
         result = httpx.post(f"{url}/v1/rewards", json=body).json()["results"][0]
@@ -143,3 +149,20 @@ def test_create_app_loads_the_named_model_in_its_lifespan(llama_dir: Path) -> No
         assert httpx.get(f"{server.url}/readyz").status_code == 200
     assert info["max_length"] == 100
     assert info["architecture"] == "LlamaForSequenceClassification"
+
+
+def test_the_readme_lists_every_metric_the_service_exports() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from tokenreward_service.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    exported = {family.name for family in registry.collect()} | {"tokenreward_gpu_memory_bytes"}
+    text = README.read_text()
+    section = text[text.index("### Metrics") : text.index("## Use from a trainer")]
+    missing = sorted(
+        name for name in exported if name.startswith("tokenreward_") and f"`{name}" not in section
+    )
+    assert not missing, f"metrics not in the README: {missing}"
+    assert "`process_*`" in section

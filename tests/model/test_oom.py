@@ -64,3 +64,4 @@ def test_the_server_survives_and_lowers_its_budget(llama_dir: Path) -> None:
         or "tokenreward_oom_splits_total 3.0" in metrics
     )
     assert budget == 4096
+    assert "tokenreward_batch_token_budget 4096.0" in metrics
