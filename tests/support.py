@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 import uvicorn
 
@@ -57,53 +50,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve_process(
-    args: Sequence[str], env: dict[str, str] | None = None
-) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """``tokenreward serve`` as a real subprocess; yields its URL once /readyz answers 200, the
-    process, and the file its output goes to (a file, so a chatty server never blocks on a
-    full pipe)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "tokenreward_service.cli", "serve", "--port", str(port), *args]
-    log_file = Path(tempfile.mkstemp(prefix="tokenreward-serve-", suffix=".log")[1])
-    with log_file.open("wb") as sink:
-        proc = subprocess.Popen(
-            cmd, env={**os.environ, **(env or {})}, stdout=sink, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, log_file, headers=_auth_from_env(env))
-        yield url, proc, log_file
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _auth_from_env(env: dict[str, str] | None) -> dict[str, str]:
-    keys = (env or {}).get("TOKENREWARD_API_KEYS")
-    return {"Authorization": f"Bearer {keys.split(',')[0]}"} if keys else {}
-
-
-def wait_ready(
-    url: str, proc: subprocess.Popen[bytes], log_file: Path, headers: dict[str, str] | None = None
-) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_file.read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", headers=headers, timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError("server did not become ready")
 
 
 def reference_prefix_scores(model_dir: Path, sequence: Sequence[int]) -> list[float]:

@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import LiveServer, serve_process
+from tests.support import LiveServer
 from tokenreward import AsyncRewardClient, RetryPolicy, RewardClient
+from tokenreward_service.bench.runner import spawn_server
 from tokenreward_service.config import Settings
 from tokenreward_service.model import BatchScores, RewardModel
 
@@ -111,9 +112,10 @@ def test_async_twin_against_a_real_server(llama: RewardModel) -> None:
 def test_a_replica_killed_mid_call_loses_no_reward(model_dir: object, llama_dir: Path) -> None:
     items = _items(3000, seed=3, longest=64)
     with (
-        serve_process(["--model", str(llama_dir)]) as (url_a, proc_a, _),
-        serve_process(["--model", str(llama_dir)]) as (url_b, _, _),
+        spawn_server(["--model", str(llama_dir)]) as server_a,
+        spawn_server(["--model", str(llama_dir)]) as server_b,
     ):
+        url_a, url_b, proc_a = server_a.url, server_b.url, server_a.process
         with RewardClient(url_b) as alone:
             expected = alone.rewards(items)
         transport = CountingTransport()
