@@ -40,8 +40,8 @@ e2e: $(STAMP)
 	scripts/system-deps.sh e2e
 	deploy/e2e/run.sh
 
-# Throughput benchmark: every workload and comparison, medians of 3 runs (about 15 minutes on
-# 2 CPU cores). The JSON report is printed and written to bench-results.json.
+# Throughput benchmark: every workload and comparison, medians of 3 runs (about 13 minutes on
+# 2 idle CPU cores). The JSON report is printed and written to bench-results.json.
 bench: $(STAMP)
 	$(BIN)/tokenreward bench --runs 3 --out bench-results.json $(ARGS)
 

@@ -104,6 +104,8 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_shape(capsys: pytest.CaptureFixture[s
     for name in ("mixed", "group"):
         assert report[name]["service"]["errors"] == {}
         assert report[name]["inprocess"]["tokens_per_s"] > 0
+    assert report["mixed"]["batching_off"]["errors"] == {}
+    assert report["mixed"]["batching_off"]["tokens_per_s"] > 0
     host = report["mixed"]["host_side"]
     assert host["prepare_s"] > 0
     assert host["forward_s"] > 0

@@ -5,7 +5,8 @@
 
 It builds the RM with random weights directly on the device (nothing is downloaded or written
 to disk), then reports tokens/s and model FLOP utilisation (MFU) for the in-process forward and
-for a real uvicorn server on 127.0.0.1 on the ``mixed`` and ``group`` workloads, the share of
+for a real uvicorn server on 127.0.0.1 on the ``mixed`` and ``group`` workloads (and on
+``mixed`` with each request's items batched alone, ``--batching off``), the share of
 time the host spends preparing batches (padding, copy to the device) against the forward pass,
 and the precision of the bf16 rewards against the same weights computed in float32.
 """
@@ -17,7 +18,7 @@ import json
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -100,13 +101,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _serve_in_thread(model: Any) -> tuple[str, Any]:
+def _serve_in_thread(model: Any, batching: Literal["on", "off"] = "on") -> tuple[str, Any]:
     import uvicorn
 
     from tokenreward_service.app import create_app
     from tokenreward_service.config import Settings
 
-    app = create_app(Settings(max_batch_tokens=65536), model=model)
+    app = create_app(Settings(max_batch_tokens=65536, batching=batching), model=model)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -160,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict[str, Any] = {"tokens": workload.tokens, "inprocess": inproc, "service": service}
         if name == "mixed":
             entry["host_side"] = host_side_share(model, workload, 65536)
-        for key in ("inprocess", "service"):
+            # Each request's items alone (--batching off): what batching across requests gains.
+            alone_url, alone_server = _serve_in_thread(model, batching="off")
+            entry["batching_off"] = run_service(alone_url, workload)
+            alone_server.should_exit = True
+        for key in ("inprocess", "service", "batching_off"):
+            if key not in entry:
+                continue
             achieved = entry[key]["tokens_per_s"] * flops / 1e12
             entry[key]["tflops"] = achieved
             entry[key]["mfu"] = achieved / peak if peak else None
