@@ -59,7 +59,8 @@ RUN set -eu; \
     /opt/build/bin/pip wheel --wheel-dir /wheels \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         "torch==${TORCH_VERSION}" ".[server]"; \
-    ls /wheels/tokenreward-*.whl
+    ls /wheels/tokenreward-*.whl; \
+    cd /wheels && sha256sum -- *.whl >SHA256SUMS
 
 # ---------------------------------------------------------------------------------------------
 # runtime: the base image, a virtual environment with the server, and nothing used to build it.
@@ -90,6 +91,10 @@ RUN groupadd --system --gid 10001 tokenreward \
         --home-dir /nonexistent --shell /usr/sbin/nologin tokenreward \
     && mkdir -p /models
 
+# The wheels' checksums: this layer changes whenever a wheel does (the project's own with every
+# source change), so the install below is never taken from a stale cache. BuildKit keys a bind
+# mount on its content, but not every builder does (Buildah, under Podman, does not).
+COPY --from=builder /wheels/SHA256SUMS /opt/tokenreward-wheels.sha256
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python3 -m venv /opt/tokenreward \
     && /opt/tokenreward/bin/pip install --no-index --find-links /wheels \

@@ -77,6 +77,26 @@ def test_a_wheelhouse_makes_the_build_offline() -> None:
     assert "PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse" in builder
 
 
+def test_the_runtime_install_is_rebuilt_whenever_a_wheel_changes() -> None:
+    # Buildah (Podman) caches a RUN whose only input from the builder is a bind mount without
+    # looking at the mounted files, so a rebuild after a source change kept the old package. A
+    # COPY of the wheels' checksums in front of it ties that layer to the wheels' content.
+    instructions = dockerfile_instructions()
+    builder = " ".join(i.args for i in instructions if i.stage == 0 and i.keyword == "RUN")
+    assert "sha256sum -- *.whl >SHA256SUMS" in builder
+    runtime = [i for i in instructions if i.stage == 1]
+    (install,) = [
+        n for n, i in enumerate(runtime) if i.keyword == "RUN" and "from=builder" in i.args
+    ]
+    copies = [
+        n
+        for n, i in enumerate(runtime)
+        if i.keyword == "COPY" and i.args.startswith("--from=builder /wheels/SHA256SUMS ")
+    ]
+    assert copies
+    assert copies[0] < install
+
+
 def test_runtime_is_the_program_run_by_a_non_root_user() -> None:
     instructions = dockerfile_instructions()
     (entrypoint,) = stage_of(instructions, "ENTRYPOINT")
