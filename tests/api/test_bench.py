@@ -111,3 +111,15 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_shape(capsys: pytest.CaptureFixture[s
     assert host["forward_s"] > 0
     assert 0 < host["share"] < 1
     assert report["precision"]["max_abs_token_reward_error"] >= 0
+
+
+def test_the_ceiling_splits_a_group_only_when_it_alone_exceeds_a_batch() -> None:
+    workload = make_workload("group", vocab_size=32000, scale=0.25)
+    items = workload.items
+    for budget, split in ((16384, False), (2048, True)):  # a group is 8 items of 288-640 tokens
+        batches = ideal_batches(workload, budget, 256)
+        homes: dict[tuple[int, ...], set[int]] = {}
+        for number, batch in enumerate(batches):
+            for i in batch:
+                homes.setdefault(tuple(items[i][0]), set()).add(number)
+        assert any(len(h) > 1 for h in homes.values()) is split

@@ -168,8 +168,8 @@ def run_service(
 
 def ideal_batches(workload: Workload, budget: int, cap: int) -> list[list[int]]:
     """Every item known in advance, sorted by length and packed greedily under the padded-token
-    budget and the size cap. Items that share a prompt stay together (the engine computes their
-    prompt once), their group placed by its longest item."""
+    budget and the size cap. Items that share a prompt are one unit, placed by its longest item
+    and never split unless it alone exceeds a batch (the engine computes their prompt once)."""
     items = workload.items
 
     def length(index: int) -> int:
@@ -178,19 +178,27 @@ def ideal_batches(workload: Workload, budget: int, cap: int) -> list[list[int]]:
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for index, (prompt, _) in enumerate(items):
         by_prompt.setdefault(tuple(prompt), []).append(index)
-    units = sorted(by_prompt.values(), key=lambda unit: max(map(length, unit)))
-    order = [index for unit in units for index in sorted(unit, key=length)]
+    units = sorted(
+        (sorted(unit, key=length) for unit in by_prompt.values()),
+        key=lambda unit: length(unit[-1]),
+    )
+
+    def fits(batch: list[int], more: list[int]) -> bool:
+        longest = max(length(i) for i in (*batch, *more))
+        count = len(batch) + len(more)
+        return longest * count <= budget and count <= cap
+
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = 0
-    for index in order:
-        if current and (
-            max(longest, length(index)) * (len(current) + 1) > budget or len(current) >= cap
-        ):
+    for unit in units:
+        if current and not fits(current, unit):
             batches.append(current)
-            current, longest = [], 0
-        current.append(index)
-        longest = max(longest, length(index))
+            current = []
+        for index in unit:  # whole, unless the unit alone is larger than a batch
+            if current and not fits(current, [index]):
+                batches.append(current)
+                current = []
+            current.append(index)
     if current:
         batches.append(current)
     return batches
