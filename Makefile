@@ -49,7 +49,7 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(BIN)/python -m tokenreward_service.bench.gpu $(ARGS)
 
-# Retrain the embedded demo RM from scratch (about 5 minutes on 2 idle CPU cores, 12 when shared).
+# Retrain the embedded demo RM from scratch (about 4 minutes on 2 idle CPU cores).
 demo-model: $(STAMP)
 	$(BIN)/python -m tokenreward_service.demo.train
 
