@@ -104,7 +104,7 @@ def create_app(
             on_queue=metrics.observe_queue,
         )
         await batcher.start()
-        metrics.batch_budget.set(batcher.batch_token_budget)
+        metrics.batch_budget.set_function(lambda: batcher.batch_token_budget)
         state.batcher_alive = lambda: batcher.alive
         state.batcher_budget = lambda: batcher.batch_token_budget
         state.service = RewardService(

@@ -78,8 +78,6 @@ class BatchStats:
     oom_splits: int
     queue_wait_s: float
     inference_s: float
-    budget: int
-    """The padded-token budget in force after this batch (halved when it ran out of memory)."""
 
 
 @dataclass(frozen=True)
@@ -363,6 +361,5 @@ class Batcher:
                         oom_splits=scored.oom_splits,
                         queue_wait_s=started - min(p.enqueued for p in batch),
                         inference_s=elapsed,
-                        budget=self._budget,
                     )
                 )

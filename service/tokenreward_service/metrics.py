@@ -202,7 +202,6 @@ class Metrics(ResultObserver):
         self.tokens.labels("padded").inc(stats.padded_tokens)
         self.shared_items.inc(stats.shared_items)
         self.oom_splits.inc(stats.oom_splits)
-        self.batch_budget.set(stats.budget)
         self.queue_wait.observe(stats.queue_wait_s)
         self.inference.observe(stats.inference_s)
 

@@ -259,23 +259,20 @@ def test_script_as_the_container_runs_it(keyed_server: LiveServer) -> None:
         "TOKENREWARD_API_KEYS": KEY,
         "PATH": "/usr/bin:/bin",
     }
-    result = subprocess.run(
-        [sys.executable, "-I", str(HEALTHCHECK)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-        check=False,
-    )
+
+    def probe() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-I", str(HEALTHCHECK)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+
+    result = probe()
     assert result.returncode == 0, result.stderr
     env["TOKENREWARD_API_KEYS"] = "wrong-key-1"
-    result = subprocess.run(
-        [sys.executable, "-I", str(HEALTHCHECK)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-        check=False,
-    )
+    result = probe()
     assert result.returncode == 1
     assert "401" in result.stderr

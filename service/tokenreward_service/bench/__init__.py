@@ -35,6 +35,14 @@ from tokenreward_service.bench.workloads import WORKLOADS, Workload, make_worklo
 __all__ = ["main_bench"]
 
 
+_COMPARISONS: dict[str, tuple[str, list[str], str]] = {
+    "mixed": ("batching_off", ["--batching", "off"], "batching_speedup"),
+    "group": ("no_sharing", ["--share-prompts", "false"], "sharing_speedup"),
+}
+"""Per workload: (report key, server flags, speedup key) of the mode the service is compared
+with: each request's items batched alone, and every item scored in full."""
+
+
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of every numeric figure across runs (latency percentiles included)."""
     out: dict[str, Any] = {}
@@ -132,20 +140,12 @@ def main_bench(
         result["service_vs_ceiling"] = (
             result["service"]["tokens_per_s"] / result["inprocess_ceiling"]["tokens_per_s"]
         )
-        if name == "mixed":
-            _log("mixed: per-request batching (--batching off)")
-            with spawn_server([*serve_args, "--batching", "off"]) as spawned:
-                result["batching_off"] = _service(spawned.url, workload, runs)
-            result["batching_speedup"] = (
-                result["service"]["tokens_per_s"] / result["batching_off"]["tokens_per_s"]
-            )
-        if name == "group":
-            _log("group: every item scored in full (--share-prompts false)")
-            with spawn_server([*serve_args, "--share-prompts", "false"]) as spawned:
-                result["no_sharing"] = _service(spawned.url, workload, runs)
-            result["sharing_speedup"] = (
-                result["service"]["tokens_per_s"] / result["no_sharing"]["tokens_per_s"]
-            )
+        if name in _COMPARISONS:
+            key, flags, speedup = _COMPARISONS[name]
+            _log(f"{name}: the same server with {' '.join(flags)}")
+            with spawn_server([*serve_args, *flags]) as spawned:
+                result[key] = _service(spawned.url, workload, runs)
+            result[speedup] = result["service"]["tokens_per_s"] / result[key]["tokens_per_s"]
         report["workloads"][name] = result
     _log("naive per-prefix recomputation on a 256-token response")
     report["naive_per_prefix"] = naive_ratio(in_process)
