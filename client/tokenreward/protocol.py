@@ -18,6 +18,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "ErrorType",
+    "Message",
     "ModelInfo",
     "ModelRef",
     "RewardItem",
@@ -67,12 +68,28 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Answer(BaseModel):
+    """What the server sends back: fields a newer server adds are ignored, never an error, so an
+    older client keeps working against a newer server."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Message(_Wire):
+    """One turn of the conversation before the response, as chat templates take it."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class RewardItem(_Wire):
     """One prompt/response pair to score.
 
-    Either as token IDs of the reward model's tokenizer (``prompt_ids`` and ``response_ids``,
-    the primary form) or as text (``prompt`` and ``response``, tokenized by the server with the
-    RM's tokenizer); never a mix of the two.
+    The prompt is ``prompt_ids`` (token IDs), ``prompt`` (text, tokenized by the server with the
+    RM's tokenizer) or ``messages`` (the conversation before the response, rendered with the
+    RM's chat template). The response is ``response_ids`` or ``response`` (text). IDs go with
+    IDs and text with text; ``messages`` goes with either. IDs are in the RM's vocabulary, or
+    in the policy's when the request names a ``policy_tokenizer``.
     """
 
     id: str | None = Field(default=None, max_length=256, description="Echoed back in the result.")
@@ -86,23 +103,46 @@ class RewardItem(_Wire):
     response: str | None = Field(
         default=None, min_length=1, description="Response text, instead of response_ids."
     )
+    messages: list[Message] | None = Field(
+        default=None,
+        min_length=1,
+        description="The conversation before the response, instead of prompt_ids or prompt; "
+        "the response becomes the last assistant turn of the RM's chat template.",
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> RewardItem:
-        ids = (self.prompt_ids is not None, self.response_ids is not None)
-        text = (self.prompt is not None, self.response is not None)
-        if ids == (True, True) and text == (False, False):
-            return self
-        if text == (True, True) and ids == (False, False):
-            return self
-        raise ValueError(
-            "an item holds either prompt_ids and response_ids, or prompt and response text; "
-            "never a mix of the two"
-        )
+        prompts = [
+            name
+            for name, value in (
+                ("prompt_ids", self.prompt_ids),
+                ("prompt", self.prompt),
+                ("messages", self.messages),
+            )
+            if value is not None
+        ]
+        has_ids, has_text = self.response_ids is not None, self.response is not None
+        if len(prompts) != 1 or has_ids == has_text:
+            responses = [
+                n for n, given in (("response_ids", has_ids), ("response", has_text)) if given
+            ]
+            raise ValueError(
+                "an item holds one prompt (prompt_ids, prompt or messages) and one response "
+                f"(response_ids or response); got {' and '.join(prompts + responses) or 'none'}"
+            )
+        if (prompts[0], has_ids) in (("prompt_ids", False), ("prompt", True)):
+            raise ValueError(
+                "prompt_ids goes with response_ids and prompt text with response text (messages "
+                "goes with either); never a mix of the two"
+            )
+        if self.messages is not None and not any(m.role == "user" for m in self.messages):
+            raise ValueError("messages needs at least one user turn")
+        return self
 
     @property
     def is_text(self) -> bool:
-        return self.prompt is not None
+        """Whether the server needs a tokenizer to score this item as it is."""
+        return self.prompt_ids is None or self.response_ids is None
 
 
 class RewardRequest(_Wire):
@@ -118,14 +158,26 @@ class RewardRequest(_Wire):
     )
     baseline: Baseline = "prompt"
     return_prefix_scores: bool = False
+    policy_tokenizer: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of a policy tokenizer loaded by the server: the items' token IDs are "
+        "in its vocabulary, and each result has one reward per policy response token.",
+    )
+    step_separator: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Split each response's text at this string (e.g. '\\n\\n') and also "
+        "return the sum of the token rewards of each step.",
+    )
 
 
-class ModelRef(_Wire):
+class ModelRef(_Answer):
     id: str
     revision: str
 
 
-class RewardResult(_Wire):
+class RewardResult(_Answer):
     """Per-item result: one reward per response token, in order."""
 
     id: str | None
@@ -140,20 +192,30 @@ class RewardResult(_Wire):
         "when requested.",
     )
     response_tokens: list[str] | None = Field(
-        default=None, description="For text items: the response text of each token."
+        default=None,
+        description="For text and policy-token items: the response text of each token.",
     )
     response_offsets: list[tuple[int, int]] | None = Field(
         default=None,
-        description="For text items: each token's [start, end) character span in the response.",
+        description="For text and policy-token items: each token's [start, end) character span "
+        "in the response text (the decoded response for policy tokens).",
+    )
+    step_rewards: list[float] | None = Field(
+        default=None,
+        description="With step_separator: the sum of the token rewards of each step.",
+    )
+    step_ends: list[int] | None = Field(
+        default=None,
+        description="With step_separator: the index of each step's last response token.",
     )
 
 
-class RewardResponse(_Wire):
+class RewardResponse(_Answer):
     model: ModelRef
     results: list[RewardResult]
 
 
-class ModelInfo(_Wire):
+class ModelInfo(_Answer):
     """Body of ``GET /v1/model``: what is loaded and how it is run."""
 
     id: str
@@ -167,15 +229,21 @@ class ModelInfo(_Wire):
     random_weights: bool = Field(
         default=False, description="True when the weights are random (no real model was given)."
     )
+    chat_template: bool = Field(
+        default=False, description="Whether items may carry messages (the RM has a chat template)."
+    )
+    policy_tokenizers: list[str] = Field(
+        default_factory=list, description="Names a request may give as policy_tokenizer."
+    )
 
 
-class ErrorBody(_Wire):
+class ErrorBody(_Answer):
     type: ErrorType
     message: str
     item: int | None = None
 
 
-class ErrorResponse(_Wire):
+class ErrorResponse(_Answer):
     """The body of every non-2xx response."""
 
     error: ErrorBody

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from tokenreward_service.batching import Batcher, BatcherConfig
 from tokenreward_service.config import Settings
+from tokenreward_service.conversations import Preparer, load_policy_tokenizers
+from tokenreward_service.errors import ModelLoadError
 from tokenreward_service.loading import load_reward_model
 from tokenreward_service.metrics import Metrics
 from tokenreward_service.model import RewardModel
@@ -25,8 +27,9 @@ from tokenreward_service.routes import (
     install_error_handlers,
 )
 from tokenreward_service.serving import RewardService
+from tokenreward_service.tokentext import TokenText
 
-__all__ = ["create_app", "load_model"]
+__all__ = ["create_app", "load_model", "load_preparer"]
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +70,37 @@ def load_model(settings: Settings) -> RewardModel:
         )
 
 
+def load_preparer(settings: Settings, model: RewardModel) -> Preparer:
+    """What turns items into the model's token sequences: the RM's tokenizer, the chat
+    template (the settings' file, else the tokenizer's own) and the policy tokenizers."""
+    template = None
+    if settings.chat_template is not None:
+        path = Path(settings.chat_template)
+        if not path.is_file():
+            raise ModelLoadError(f"chat template file {path} does not exist")
+        template = path.read_text(encoding="utf-8")
+        if model.tokenizer is None:
+            raise ModelLoadError("a chat template was given, but the model has no tokenizer")
+    tokenizer = model.tokenizer
+    return Preparer(
+        vocab_size=model.spec.vocab_size,
+        suffix_ids=model.spec.suffix_ids,
+        rm=None if tokenizer is None else TokenText(tokenizer, "rm"),
+        chat_template=template,
+        policies=load_policy_tokenizers(settings.policy_tokenizers),
+    )
+
+
 def create_app(
     settings: Settings,
     *,
     model: RewardModel | None = None,
     registry: CollectorRegistry | None = None,
+    preparer: Preparer | None = None,
 ) -> FastAPI:
     """Build the app. ``model`` is served as loaded (the loading settings, such as ``model``,
-    ``device`` or ``max_length``, are then unused); ``registry`` receives the metrics (a fresh
+    ``device`` or ``max_length``, are then unused); ``preparer`` likewise (the chat template
+    and policy tokenizer settings are then unused); ``registry`` receives the metrics (a fresh
     one by default, never the process-global one)."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     state = AppState(
@@ -87,6 +113,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         reward_model = model if model is not None else await asyncio.to_thread(load_model, settings)
+        items = preparer or await asyncio.to_thread(load_preparer, settings, reward_model)
         metrics.set_model(reward_model.spec)
         metrics.watch_gpu(torch.device(reward_model.spec.device))
         batcher = Batcher(
@@ -111,7 +138,7 @@ def create_app(
             reward_model.spec,
             batcher,
             timeout_s=settings.request_timeout_s,
-            tokenizer=getattr(reward_model, "tokenizer", None),
+            preparer=items,
             observer=metrics,
         )
         state.ready = True

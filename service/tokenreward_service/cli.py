@@ -61,16 +61,14 @@ def _add_serve(commands: Any) -> None:
         "TOKENREWARD_<FLAG> (upper case, '-' as '_'); flags win.",
     )
     for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        flag = "--" + str(extra.get("flag", name.replace("_", "-")))
         default = field.get_default(call_default_factory=True)
         help_text = f"{field.description} [env TOKENREWARD_{name.upper()}; default {default!r}]"
-        serve.add_argument(
-            flag,
-            dest=name,
-            default=argparse.SUPPRESS,
-            help=help_text,
-            **_flag_type(field.annotation),
-        )
+        kind = _flag_type(field.annotation)
+        if extra.get("repeatable"):
+            kind = {"action": "append", "type": str, "metavar": "VALUE"}
+        serve.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text, **kind)
 
 
 def _add_bench(commands: Any) -> None:
@@ -157,7 +155,7 @@ def _serve(overrides: dict[str, Any]) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from tokenreward_service.app import create_app, load_model
+    from tokenreward_service.app import create_app, load_model, load_preparer
     from tokenreward_service.config import Settings
     from tokenreward_service.errors import ModelLoadError
 
@@ -176,11 +174,12 @@ def _serve(overrides: dict[str, Any]) -> int:
     # not a traceback from inside the ASGI lifespan.
     try:
         model = load_model(settings)
+        preparer = load_preparer(settings, model)
     except ModelLoadError as exc:
         print(f"tokenreward: cannot serve the model: {exc}", file=sys.stderr)
         return 1
     config = uvicorn.Config(
-        create_app(settings, model=model),
+        create_app(settings, model=model, preparer=preparer),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -62,6 +62,20 @@ class Settings(BaseSettings):
         description="Token IDs the RM was trained to be read at after the response (e.g. EOS), "
         "comma separated. Unset: the model folder's tokenreward.json, else none.",
     )
+    chat_template: str | None = Field(
+        default=None,
+        description="A Jinja chat template file used to render 'messages' items, instead of the "
+        "RM tokenizer's own template. Unset: the tokenizer's template; without one, messages "
+        "items are refused with 422.",
+    )
+    policy_tokenizers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Policy tokenizers as NAME=PATH (a Hugging Face tokenizer folder); the flag "
+        "repeats, the environment variable is comma separated. A request naming one sends "
+        "token IDs of that policy and gets one reward per policy token. Each costs its "
+        "vocabulary's bytes in memory (a few MB).",
+        json_schema_extra={"flag": "policy-tokenizer", "repeatable": True},
+    )
     max_batch_tokens: int = Field(
         default=16384,
         ge=1,
@@ -122,7 +136,7 @@ class Settings(BaseSettings):
         default="info", description="Log level of the service and of uvicorn."
     )
 
-    @field_validator("api_keys", "suffix_ids", mode="before")
+    @field_validator("api_keys", "suffix_ids", "policy_tokenizers", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

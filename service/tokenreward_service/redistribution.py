@@ -14,6 +14,11 @@ still telescope to the holistic score. With ``s_0`` the baseline,
     reward_t = beta_c * dense_t + (1 - beta_c) * [t = T-1] * score        (Eq. 7)
 
 ``s_0`` is the score at the last prompt token (``baseline="prompt"``) or 0 (``"zero"``).
+
+The caller's response tokens need not be the RM's: ``read_positions`` then names, per caller
+token, the position whose score is the prefix score after it (-1: none yet, ``s_0``), as
+:mod:`tokenreward_service.alignment` computes them; the last token still reads the score after
+the suffix.
 Everything is computed in float64 from the model's float32 scores, so the differences carry no
 rounding beyond the scores' own.
 """
@@ -52,12 +57,15 @@ def redistribute(
     *,
     beta_c: float = 1.0,
     baseline: Literal["prompt", "zero"] = "prompt",
+    read_positions: torch.Tensor | None = None,
 ) -> Redistribution:
     """Turn per-position scores ``[B, L]`` into per-token rewards.
 
     ``prompt_lens``, ``response_lens`` and ``seq_lens`` are ``[B]`` integer tensors;
     ``seq_lens - prompt_lens - response_lens`` is each item's suffix length. Positions at or past
     ``seq_lens`` (padding) are never read, so their values (even NaN) do not matter.
+    ``read_positions`` (``[B, T]`` integers, optional) replaces ``prompt_lens + t`` as the
+    position read after response token ``t``; ``-1`` reads the baseline ``s_0``.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [batch, length], got shape {tuple(scores.shape)}")
@@ -74,7 +82,8 @@ def redistribute(
         raise ValueError("prompt_lens, response_lens and seq_lens must each have shape [batch]")
     if bool((response_lens < 1).any()):
         raise ValueError("every response needs at least one token")
-    if bool((prompt_lens < 0).any()) or bool((seq_lens < prompt_lens + response_lens).any()):
+    covered = prompt_lens + response_lens if read_positions is None else prompt_lens.clamp(min=1)
+    if bool((prompt_lens < 0).any()) or bool((seq_lens < covered).any()):
         raise ValueError("seq_lens must cover prompt and response")
     if bool((seq_lens > length).any()):
         raise ValueError("seq_lens exceed the scores' length")
@@ -88,17 +97,28 @@ def redistribute(
     is_last = t == (response_lens - 1).unsqueeze(1)
     last_pos = seq_lens - 1  # where the holistic score is read
 
-    positions = torch.where(is_last, last_pos.unsqueeze(1), prompt_lens.unsqueeze(1) + t)
-    positions = torch.where(mask, positions, torch.zeros_like(positions))
-    prefix = torch.where(
-        mask, s.gather(1, positions), torch.zeros((), dtype=s.dtype, device=device)
-    )
-
     score = s.gather(1, last_pos.unsqueeze(1)).squeeze(1)
     has_prompt = prompt_lens > 0
     prompt_read = s.gather(1, (prompt_lens - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
     prompt_score = torch.where(has_prompt, prompt_read, torch.full_like(prompt_read, float("nan")))
     s0 = prompt_score if baseline == "prompt" else torch.zeros_like(prompt_score)
+
+    if read_positions is None:
+        reads = prompt_lens.unsqueeze(1) + t
+    else:
+        reads = read_positions.to(device=device, dtype=torch.long)[:, :width]
+        if reads.shape != (batch, width):
+            raise ValueError(f"read_positions must have shape [batch, {width}]")
+        if bool((mask & ((reads < -1) | (reads >= seq_lens.unsqueeze(1)))).any()):
+            raise ValueError("read_positions must lie in [-1, seq_lens)")
+    positions = torch.where(is_last, last_pos.unsqueeze(1), reads)
+    baseline_read = mask & (positions < 0)
+    positions = torch.where(mask & ~baseline_read, positions, torch.zeros_like(positions))
+    prefix = torch.where(
+        baseline_read,
+        s0.unsqueeze(1).expand(-1, width),
+        torch.where(mask, s.gather(1, positions), torch.zeros((), dtype=s.dtype, device=device)),
+    )
 
     previous = torch.cat([s0.unsqueeze(1), prefix[:, :-1]], dim=1)
     zero = torch.zeros((), dtype=s.dtype, device=device)

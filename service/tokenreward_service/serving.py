@@ -1,30 +1,30 @@
 """The serving layer: wire requests in, per-token rewards out, no HTTP.
 
-Text items are first tokenized with the RM's own tokenizer. It checks each item against the
-loaded model (vocabulary, length, baseline), lays out
-``prompt | response | suffix``, sends the sequences through the batcher, and redistributes the
-prefix scores with the request's ``beta_c`` and ``baseline``. Errors are domain errors naming
-the offending item; the HTTP edge maps them to statuses.
+:mod:`tokenreward_service.conversations` turns every item form (RM token IDs, text, chat
+messages, policy token IDs) into an RM token sequence ``prompt | response | suffix``; this
+module checks it against the loaded model (length, baseline), sends the sequences through the
+batcher, and redistributes the prefix scores with the request's ``beta_c`` and ``baseline``,
+onto the caller's tokens. Errors are domain errors naming the offending item; the HTTP edge
+maps them to statuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from tokenreward.protocol import (
     ModelInfo,
     ModelRef,
-    RewardItem,
     RewardRequest,
     RewardResponse,
     RewardResult,
 )
+from tokenreward_service.alignment import step_sums
 from tokenreward_service.batching import Batcher, Job
+from tokenreward_service.conversations import Prepared, Preparer
 from tokenreward_service.errors import DeadlineExceeded, InternalError, InvalidRequest
 from tokenreward_service.model import ModelSpec
 from tokenreward_service.redistribution import redistribute
@@ -44,42 +44,6 @@ class ResultObserver:
         """``items`` items came out NaN or infinite."""
 
 
-@dataclass(frozen=True)
-class Tokenized:
-    """An item as token IDs, with the response's token texts and spans when it came as text."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    response_tokens: list[str] | None = None
-    response_offsets: list[tuple[int, int]] | None = None
-
-
-def tokenize_items(tokenizer: Any, items: Sequence[RewardItem]) -> list[Tokenized]:
-    """Token IDs of every item; text items go through the RM's tokenizer (the prompt with its
-    special tokens, e.g. BOS; the response without), with character offsets for the response."""
-    out: list[Tokenized] = []
-    for index, item in enumerate(items):
-        if item.prompt_ids is not None and item.response_ids is not None:
-            out.append(Tokenized(item.prompt_ids, item.response_ids))
-            continue
-        if tokenizer is None:
-            raise InvalidRequest(
-                "this model has no tokenizer, so items must carry prompt_ids and response_ids",
-                item=index,
-            )
-        assert item.prompt is not None
-        assert item.response is not None
-        prompt_ids = list(tokenizer(item.prompt, add_special_tokens=True)["input_ids"])
-        encoded = tokenizer(item.response, add_special_tokens=False, return_offsets_mapping=True)
-        response_ids = list(encoded["input_ids"])
-        if not response_ids:
-            raise InvalidRequest("the response text tokenizes to no tokens", item=index)
-        offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
-        tokens = [item.response[a:b] for a, b in offsets]
-        out.append(Tokenized(prompt_ids, response_ids, tokens, offsets))
-    return out
-
-
 class RewardService:
     """Adapts the wire protocol to the batcher and the redistribution math."""
 
@@ -89,11 +53,11 @@ class RewardService:
         batcher: Batcher,
         *,
         timeout_s: float,
-        tokenizer: Any | None = None,
+        preparer: Preparer | None = None,
         observer: ResultObserver | None = None,
     ) -> None:
         self.spec = spec
-        self.tokenizer = tokenizer
+        self.preparer = preparer or Preparer(vocab_size=spec.vocab_size, suffix_ids=spec.suffix_ids)
         self._observer = observer
         self._batcher = batcher
         self._timeout_s = timeout_s
@@ -111,53 +75,37 @@ class RewardService:
             device=s.device,
             suffix_ids=list(s.suffix_ids),
             random_weights=s.random_weights,
+            chat_template=self.preparer.chat_template is not None,
+            policy_tokenizers=sorted(self.preparer.policies),
         )
 
-    def _suffix_for(self, item: Tokenized) -> tuple[int, ...]:
-        """The suffix to append: none when the response already ends with it (e.g. the EOS that
-        the policy generated), so that it is never read twice."""
-        suffix = self.spec.suffix_ids
-        if suffix and tuple(item.response_ids[-len(suffix) :]) == suffix:
-            return ()
-        return suffix
-
-    def layout(self, request: RewardRequest, items: Sequence[Tokenized]) -> list[list[int]]:
-        """Check every item and return its full token sequence; the first bad item is named."""
-        vocab = self.spec.vocab_size
-        sequences: list[list[int]] = []
+    def check(self, request: RewardRequest, items: Sequence[Prepared]) -> None:
+        """Check every prepared item against the model; the first bad item is named."""
         for index, item in enumerate(items):
-            if request.baseline == "prompt" and not item.prompt_ids:
+            if request.baseline == "prompt" and not item.prompt_len:
                 raise InvalidRequest(
-                    "prompt_ids is empty, but baseline 'prompt' reads the score at the last "
+                    "the prompt is empty, but baseline 'prompt' reads the score at the last "
                     "prompt token; send a prompt or use baseline 'zero'",
                     item=index,
                 )
-            for name, ids in (("prompt_ids", item.prompt_ids), ("response_ids", item.response_ids)):
-                if ids and (min(ids) < 0 or max(ids) >= vocab):
-                    bad = next(t for t in ids if not 0 <= t < vocab)
-                    raise InvalidRequest(
-                        f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})",
-                        item=index,
-                    )
-            suffix = self._suffix_for(item)
-            sequence = [*item.prompt_ids, *item.response_ids, *suffix]
-            if len(sequence) > self.spec.max_length:
+            if not item.sequence:
+                raise InvalidRequest("the item gives the RM no tokens to read", item=index)
+            if len(item.sequence) > self.spec.max_length:
                 raise InvalidRequest(
-                    f"sequence of {len(sequence)} tokens (prompt {len(item.prompt_ids)}, response "
-                    f"{len(item.response_ids)}, suffix {len(suffix)}) exceeds the maximum length "
-                    f"{self.spec.max_length}; it is not truncated",
+                    f"sequence of {len(item.sequence)} RM tokens (prompt {item.prompt_len}, "
+                    f"response and suffix {len(item.sequence) - item.prompt_len}) exceeds the "
+                    f"maximum length {self.spec.max_length}; it is not truncated",
                     item=index,
                 )
-            sequences.append(sequence)
-        return sequences
 
     async def rewards(self, request: RewardRequest) -> RewardResponse:
-        if any(item.is_text for item in request.items):
-            items = await asyncio.to_thread(tokenize_items, self.tokenizer, request.items)
+        needs_tokenizer = request.policy_tokenizer is not None or request.step_separator is not None
+        if needs_tokenizer or any(item.is_text for item in request.items):
+            items = await asyncio.to_thread(self.preparer.prepare, request)
         else:
-            items = tokenize_items(None, request.items)
-        sequences = self.layout(request, items)
-        jobs = [Job(seq, len(item.prompt_ids)) for seq, item in zip(sequences, items, strict=True)]
+            items = self.preparer.prepare(request)
+        self.check(request, items)
+        jobs = [Job(item.sequence, item.prompt_len) for item in items]
         try:
             scores = await asyncio.wait_for(
                 self._batcher.submit(jobs, timeout_s=self._timeout_s), self._timeout_s
@@ -166,26 +114,33 @@ class RewardService:
             raise DeadlineExceeded(
                 f"the request did not finish within its {self._timeout_s:g} s deadline"
             ) from None
-        return self._results(request, items, sequences, scores)
+        return self._results(request, items, scores)
 
     def _results(
-        self,
-        request: RewardRequest,
-        items: Sequence[Tokenized],
-        sequences: Sequence[Sequence[int]],
-        scores: list[torch.Tensor],
+        self, request: RewardRequest, items: Sequence[Prepared], scores: list[torch.Tensor]
     ) -> RewardResponse:
-        width = max(len(seq) for seq in sequences)
+        width = max(len(item.sequence) for item in items)
         padded = torch.zeros((len(scores), width), dtype=torch.float32)
         for row, row_scores in enumerate(scores):
             padded[row, : row_scores.shape[0]] = row_scores
+        reads = None
+        if any(item.read_positions is not None for item in items):
+            longest = max(item.response_len for item in items)
+            reads = torch.full((len(items), longest), -1, dtype=torch.long)
+            for row, item in enumerate(items):
+                n = item.response_len
+                if item.read_positions is None:
+                    reads[row, :n] = torch.arange(item.prompt_len, item.prompt_len + n)
+                else:
+                    reads[row, :n] = torch.tensor(item.read_positions, dtype=torch.long)
         out = redistribute(
             padded,
-            torch.tensor([len(it.prompt_ids) for it in items]),
-            torch.tensor([len(it.response_ids) for it in items]),
-            torch.tensor([len(seq) for seq in sequences]),
+            torch.tensor([it.prompt_len for it in items]),
+            torch.tensor([it.response_len for it in items]),
+            torch.tensor([len(it.sequence) for it in items]),
             beta_c=request.beta_c,
             baseline=request.baseline,
+            read_positions=reads,
         )
         finite = torch.isfinite(torch.where(out.response_mask, out.token_rewards, 0.0)).all(dim=1)
         finite &= torch.isfinite(out.score)
@@ -204,17 +159,22 @@ class RewardService:
         prompt_score = out.prompt_score.tolist()
         results = []
         for row, (wire, item) in enumerate(zip(request.items, items, strict=True)):
-            n = len(item.response_ids)
+            n = item.response_len
             p = prompt_score[row]
+            token_rewards = rewards[row][:n]
             results.append(
                 RewardResult(
                     id=wire.id,
-                    token_rewards=rewards[row][:n],
+                    token_rewards=token_rewards,
                     score=score[row],
                     prompt_score=None if p != p else p,  # NaN: empty prompt
                     prefix_scores=None if prefixes is None else prefixes[row][:n],
                     response_tokens=item.response_tokens,
                     response_offsets=item.response_offsets,
+                    step_rewards=None
+                    if item.step_ends is None
+                    else step_sums(token_rewards, item.step_ends),
+                    step_ends=item.step_ends,
                 )
             )
         return RewardResponse(model=self._ref, results=results)
