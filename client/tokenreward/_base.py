@@ -43,7 +43,8 @@ from tokenreward.protocol import (
 __all__ = ["BaseRewardClient", "ItemLike"]
 
 ItemLike = RewardItem | Sequence[Any] | Mapping[str, Any]
-"""A :class:`RewardItem`, a ``(prompt_ids, response_ids)`` pair, or a mapping of its fields."""
+"""A :class:`RewardItem`, a ``(prompt_ids, response_ids)`` pair, or a mapping of its fields
+(``{"messages": [...], "response_ids": ...}`` for a conversation, say)."""
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 """Overloaded, bad gateway, not ready, server-side timeout: all transient. A 500 is not: the
@@ -58,6 +59,17 @@ class Chunk:
     body: bytes
     request_id: str
     ids: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The request options of one ``rewards`` call, the same for each of its chunks."""
+
+    beta_c: float
+    baseline: Baseline
+    return_prefix_scores: bool
+    policy_tokenizer: str | None
+    step_separator: str | None
 
 
 @dataclass
@@ -151,10 +163,13 @@ class BaseRewardClient:
         beta_c: float,
         baseline: Baseline,
         return_prefix_scores: bool,
+        policy_tokenizer: str | None = None,
+        step_separator: str | None = None,
     ) -> list[Chunk]:
         """Split ``items`` into requests under the item and byte caps, in order."""
         if not items:
             return []
+        options = Options(beta_c, baseline, return_prefix_scores, policy_tokenizer, step_separator)
         normalised = [to_item(value, index) for index, value in enumerate(items)]
         chunks: list[Chunk] = []
         start = 0
@@ -163,36 +178,24 @@ class BaseRewardClient:
             # Upper bound of the item's JSON size: up to 7 characters and a comma per token id.
             tokens = len(item.prompt_ids or ()) + len(item.response_ids or ())
             text = len(item.prompt or "") + len(item.response or "")
+            text += sum(len(m.content) + 32 for m in item.messages or ())
             estimate = 64 + len(item.id or "") + 8 * tokens + 6 * text  # JSON escapes included
             full = index - start >= self.max_items_per_request
             if index > start and (full or size + estimate > self.max_bytes_per_request):
-                chunks.append(
-                    self._chunk(
-                        normalised, range(start, index), beta_c, baseline, return_prefix_scores
-                    )
-                )
+                chunks.append(self._chunk(normalised, range(start, index), options))
                 start, size = index, 0
             size += estimate
-        chunks.append(
-            self._chunk(
-                normalised, range(start, len(normalised)), beta_c, baseline, return_prefix_scores
-            )
-        )
+        chunks.append(self._chunk(normalised, range(start, len(normalised)), options))
         return chunks
 
-    def _chunk(
-        self,
-        items: list[RewardItem],
-        span: range,
-        beta_c: float,
-        baseline: Baseline,
-        return_prefix_scores: bool,
-    ) -> Chunk:
+    def _chunk(self, items: list[RewardItem], span: range, options: Options) -> Chunk:
         request = RewardRequest(
             items=items[span.start : span.stop],
-            beta_c=beta_c,
-            baseline=baseline,
-            return_prefix_scores=return_prefix_scores,
+            beta_c=options.beta_c,
+            baseline=options.baseline,
+            return_prefix_scores=options.return_prefix_scores,
+            policy_tokenizer=options.policy_tokenizer,
+            step_separator=options.step_separator,
         )
         return Chunk(
             items=span,

@@ -67,11 +67,23 @@ class RewardClient(BaseRewardClient):
         beta_c: float = 1.0,
         baseline: Baseline = "prompt",
         return_prefix_scores: bool = False,
+        policy_tokenizer: str | None = None,
+        step_separator: str | None = None,
         timeout: float | None = None,
     ) -> list[RewardResult]:
-        """Per-token rewards of every item, in order, or a typed error: never a partial list."""
+        """Per-token rewards of every item, in order, or a typed error: never a partial list.
+
+        ``policy_tokenizer`` names a tokenizer the server loaded (``--policy-tokenizer``): the
+        items' token IDs are the policy's, and each result has one reward per policy response
+        token. ``step_separator`` adds ``step_rewards``/``step_ends`` to each result.
+        """
         chunks = self.plan(
-            items, beta_c=beta_c, baseline=baseline, return_prefix_scores=return_prefix_scores
+            items,
+            beta_c=beta_c,
+            baseline=baseline,
+            return_prefix_scores=return_prefix_scores,
+            policy_tokenizer=policy_tokenizer,
+            step_separator=step_separator,
         )
         state = self.new_call(len(items), timeout)
         if len(chunks) == 1:
@@ -204,11 +216,23 @@ class AsyncRewardClient(BaseRewardClient):
         beta_c: float = 1.0,
         baseline: Baseline = "prompt",
         return_prefix_scores: bool = False,
+        policy_tokenizer: str | None = None,
+        step_separator: str | None = None,
         timeout: float | None = None,
     ) -> list[RewardResult]:
-        """Per-token rewards of every item, in order, or a typed error: never a partial list."""
+        """Per-token rewards of every item, in order, or a typed error: never a partial list.
+
+        ``policy_tokenizer`` names a tokenizer the server loaded (``--policy-tokenizer``): the
+        items' token IDs are the policy's, and each result has one reward per policy response
+        token. ``step_separator`` adds ``step_rewards``/``step_ends`` to each result.
+        """
         chunks = self.plan(
-            items, beta_c=beta_c, baseline=baseline, return_prefix_scores=return_prefix_scores
+            items,
+            beta_c=beta_c,
+            baseline=baseline,
+            return_prefix_scores=return_prefix_scores,
+            policy_tokenizer=policy_tokenizer,
+            step_separator=step_separator,
         )
         state = self.new_call(len(items), timeout)
         limit = asyncio.Semaphore(self.max_concurrency)

@@ -79,9 +79,9 @@ def load_preparer(settings: Settings, model: RewardModel) -> Preparer:
         if not path.is_file():
             raise ModelLoadError(f"chat template file {path} does not exist")
         template = path.read_text(encoding="utf-8")
-        if model.tokenizer is None:
-            raise ModelLoadError("a chat template was given, but the model has no tokenizer")
-    tokenizer = model.tokenizer
+    tokenizer = getattr(model, "tokenizer", None)
+    if template is not None and tokenizer is None:
+        raise ModelLoadError("a chat template was given, but the model has no tokenizer")
     return Preparer(
         vocab_size=model.spec.vocab_size,
         suffix_ids=model.spec.suffix_ids,

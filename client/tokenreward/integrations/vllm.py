@@ -4,12 +4,17 @@ Written against vLLM's documented output objects: a ``RequestOutput`` has ``requ
 ``prompt_token_ids`` and ``outputs``, a list of ``CompletionOutput`` (one per sample when
 ``n > 1``), each with ``index`` and ``token_ids``. Only those fields are read, so any object of
 that shape works; vLLM itself is never imported.
+
+A rollout worker whose policy and RM tokenize differently sends the conversations it generated
+from (``messages=``) with the generated token IDs, and names the policy tokenizer in the call
+(``client.rewards(items, policy_tokenizer="policy")``): the server renders the conversation
+with the RM's chat template and returns one reward per generated token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from tokenreward.protocol import RewardItem, RewardResult
 
@@ -32,20 +37,36 @@ class RequestOutputLike(Protocol):
     def outputs(self) -> Sequence[CompletionOutputLike]: ...
 
 
-def items_from_vllm(outputs: Sequence[RequestOutputLike]) -> list[RewardItem]:
+def items_from_vllm(
+    outputs: Sequence[RequestOutputLike],
+    *,
+    messages: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+) -> list[RewardItem]:
     """One item per sample, request by request, samples in ``index`` order; ids are
-    ``"<request_id>/<index>"`` so a result can be traced to its sample."""
+    ``"<request_id>/<index>"`` so a result can be traced to its sample.
+
+    ``messages``, one conversation per request output (what ``llm.chat`` was given), replaces
+    the prompt token IDs: the RM then reads the conversation in its own chat template.
+    """
+    if messages is not None and len(messages) != len(outputs):
+        raise ValueError(f"{len(messages)} conversations for {len(outputs)} request outputs")
     items = []
-    for request in outputs:
-        if request.prompt_token_ids is None:
+    for position, request in enumerate(outputs):
+        prompt: dict[str, Any]
+        if messages is not None:
+            prompt = {"messages": [dict(m) for m in messages[position]]}
+        elif request.prompt_token_ids is None:
             raise ValueError(f"request {request.request_id!r} has no prompt_token_ids")
-        prompt = list(request.prompt_token_ids)
+        else:
+            prompt = {"prompt_ids": list(request.prompt_token_ids)}
         for sample in sorted(request.outputs, key=lambda o: o.index):
             items.append(
-                RewardItem(
-                    id=f"{request.request_id}/{sample.index}",
-                    prompt_ids=prompt,
-                    response_ids=list(sample.token_ids),
+                RewardItem.model_validate(
+                    {
+                        "id": f"{request.request_id}/{sample.index}",
+                        **prompt,
+                        "response_ids": list(sample.token_ids),
+                    }
                 )
             )
     return items
