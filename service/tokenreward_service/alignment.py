@@ -89,12 +89,11 @@ def char_spans(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, i
     A span that covers part of a character (byte-level tokens split multi-byte characters)
     covers the whole character, as Hugging Face's offset mappings do; an empty span stays empty.
     """
-    starts = []
-    position = 0
-    for char in text:
-        starts.append(position)
-        position += len(char.encode())
-    starts.append(position)
+    if text.isascii():  # one byte per character: the spans are the same
+        return [(start, max(start, end)) for start, end in spans]
+    raw = text.encode()
+    starts = [i for i, byte in enumerate(raw) if byte & 0xC0 != 0x80]  # not a continuation byte
+    starts.append(len(raw))
 
     def char_at(byte: int) -> int:
         return bisect_right(starts, byte) - 1

@@ -269,13 +269,11 @@ class Preparer:
 
     @staticmethod
     def _encode(rm: TokenText, text: str, *, special: bool = False) -> list[int]:
-        return list(rm.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return rm.encode(text, special=special)[0]
 
     @staticmethod
     def _encode_with_offsets(rm: TokenText, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        encoded = rm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
-        return list(encoded["input_ids"]), offsets
+        return rm.encode(text)
 
     def _render(self, messages: Sequence[Message], response: str, index: int) -> _Rendered:
         """Render the conversation with ``response`` as the last assistant turn and find it.

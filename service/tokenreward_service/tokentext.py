@@ -101,6 +101,22 @@ class TokenText:
             return token.replace("▁", " ").encode()
         return None
 
+    def encode(
+        self, text: str, *, special: bool = False
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token IDs of ``text`` and their character offsets; straight from the Rust tokenizer
+        where there is one (transformers' own wrapper costs more than the tokenization); with
+        special tokens through transformers, which decides how they are added."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and not special:
+            encoding = backend.encode(text, add_special_tokens=special)
+            return list(encoding.ids), list(encoding.offsets)
+        encoded = self.tokenizer(
+            text, add_special_tokens=special, return_offsets_mapping=not special
+        )
+        offsets = encoded.get("offset_mapping") or [(0, 0)] * len(encoded["input_ids"])
+        return list(encoded["input_ids"]), [(int(a), int(b)) for a, b in offsets]
+
     def is_special(self, token_id: int) -> bool:
         return self._special[token_id]
 
