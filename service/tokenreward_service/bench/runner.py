@@ -35,8 +35,12 @@ __all__ = [
     "BENCH_MODEL_SIZES",
     "SpawnedServer",
     "build_bench_model",
+    "check_reward_counts",
+    "cpu_seconds",
     "ideal_batches",
+    "machine_cpu_seconds",
     "naive_ratio",
+    "request_bodies",
     "run_inprocess",
     "run_service",
     "spawn_server",
@@ -82,6 +86,27 @@ def _scrape(url: str, headers: dict[str, str]) -> dict[str, float]:
     return out
 
 
+def request_bodies(workload: Workload) -> list[dict[str, Any]]:
+    """The JSON bodies of the workload's requests, as :func:`run_service` sends them."""
+    extra: dict[str, Any] = {}
+    if workload.policy_tokenizer is not None:
+        extra["policy_tokenizer"] = workload.policy_tokenizer
+    return [
+        {"items": [{"prompt_ids": p, "response_ids": r} for p, r in request], **extra}
+        for request in workload.requests
+    ]
+
+
+def check_reward_counts(request: Sequence[tuple[list[int], list[int]]], body: bytes) -> None:
+    """One reward per response token sent (the policy's tokens for a policy workload): a
+    benchmark of wrong answers measures nothing, so a mismatch stops it."""
+    results = orjson.loads(body)["results"]
+    got = [len(result["token_rewards"]) for result in results]
+    sent = [len(response) for _, response in request]
+    if got != sent:
+        raise RuntimeError(f"rewards per item {got} != response tokens sent {sent}")
+
+
 def run_service(
     url: str,
     workload: Workload,
@@ -89,34 +114,46 @@ def run_service(
     api_key: str | None = None,
     rate: float | None = None,
     seed: int = 0,
+    check_rewards: bool = False,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """Send ``workload`` to ``url``: closed loop from ``workload.concurrency`` clients, or open
-    loop at ``rate`` requests/s (Poisson arrivals) for a latency measurement under load."""
+    loop at ``rate`` requests/s (Poisson arrivals) for a latency measurement under load.
+
+    ``check_rewards`` parses every answer and raises unless each item has one reward per
+    response token sent (it also reports the answers' size); ``server_pid`` adds the server
+    process's CPU seconds over the run.
+    """
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    bodies = [
-        orjson.dumps({"items": [{"prompt_ids": p, "response_ids": r} for p, r in request]})
-        for request in workload.requests
-    ]
+    bodies = [orjson.dumps(body) for body in request_bodies(workload)]
     before = _scrape(url, headers)
+    cpu_before = None if server_pid is None else cpu_seconds(server_pid)
+    machine_before, own_before = machine_cpu_seconds(), time.process_time()
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    received = [0]
 
-    async def send(client: httpx.AsyncClient, body: bytes) -> None:
+    async def send(client: httpx.AsyncClient, index: int) -> None:
         started = time.perf_counter()
         try:
-            response = await client.post(f"{url}/v1/rewards", content=body, headers=headers)
+            response = await client.post(
+                f"{url}/v1/rewards", content=bodies[index], headers=headers
+            )
             status = str(response.status_code)
         except httpx.HTTPError as exc:
             status = type(exc).__name__
         if status == "200":
             latencies.append(time.perf_counter() - started)
+            if check_rewards:
+                check_reward_counts(workload.requests[index], response.content)
+                received[0] += len(response.content)
         else:
             errors[status] = errors.get(status, 0) + 1
 
     async def closed_loop() -> None:
-        queue = list(reversed(bodies))
+        queue = list(reversed(range(len(bodies))))
         limits = httpx.Limits(max_connections=workload.concurrency)
         async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
@@ -132,8 +169,8 @@ def run_service(
             timeout=600, limits=httpx.Limits(max_connections=256)
         ) as client:
             tasks = []
-            for body in bodies:
-                tasks.append(asyncio.ensure_future(send(client, body)))
+            for index in range(len(bodies)):
+                tasks.append(asyncio.ensure_future(send(client, index)))
                 await asyncio.sleep(rng.expovariate(per_second))
             await asyncio.gather(*tasks)
 
@@ -141,6 +178,8 @@ def run_service(
     asyncio.run(closed_loop() if rate is None else open_loop(rate))
     elapsed = time.perf_counter() - started
     after = _scrape(url, headers)
+    cpu_after = None if server_pid is None else cpu_seconds(server_pid)
+    machine_after, own_after = machine_cpu_seconds(), time.process_time()
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -162,6 +201,14 @@ def run_service(
         # Share of the wall time the model was computing: what is left is HTTP, JSON,
         # queueing and scheduling (and clients not sending).
         "model_busy_share": delta("tokenreward_inference_duration_seconds_sum") / elapsed,
+        **(
+            {"response_kb_per_item": received[0] / 1024 / items}
+            if check_rewards and received[0]
+            else {}
+        ),
+        **_cpu_split(
+            (cpu_before, cpu_after), (machine_before, machine_after), own_after - own_before
+        ),
         "errors": errors,
     }
 
@@ -318,6 +365,41 @@ def spawn_server(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of process ``pid`` so far, all threads (Linux ``/proc``)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds every process on the machine has used since boot (Linux ``/proc/stat``:
+    user, nice, system, irq and softirq time of all cores)."""
+    with contextlib.suppress(OSError, ValueError):
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in first[1:8])
+        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def _cpu_split(
+    server: tuple[float | None, float | None],
+    machine: tuple[float | None, float | None],
+    own_s: float,
+) -> dict[str, float]:
+    """The server's CPU seconds over a run, and those of every process but the server and this
+    one: on a shared machine the second says whether something else took cores from the run
+    (a few tenths of a second is the kernel and the idle system)."""
+    if server[0] is None or server[1] is None:
+        return {}
+    out = {"server_cpu_s": server[1] - server[0]}
+    if machine[0] is not None and machine[1] is not None:
+        out["other_processes_cpu_s"] = machine[1] - machine[0] - out["server_cpu_s"] - own_s
+    return out
 
 
 def median_of(runs: Sequence[dict[str, Any]], key: str) -> float:

@@ -2,7 +2,8 @@
 
 Each workload is a list of requests (each a list of items) plus how many clients send them
 concurrently. Token IDs are drawn uniformly from the vocabulary: a reward model's cost does not
-depend on which tokens it reads.
+depend on which tokens it reads. The opt-in ``mixed-policy`` workload is real text instead,
+since it measures tokenizers (:mod:`tokenreward_service.bench.policy`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["WORKLOADS", "Item", "Workload", "make_workload"]
+__all__ = ["OPT_IN_WORKLOADS", "WORKLOADS", "Item", "Workload", "make_workload"]
 
 Item = tuple[list[int], list[int]]
 
@@ -20,6 +21,10 @@ class Workload:
     name: str
     requests: list[list[Item]]
     concurrency: int
+    policy_tokenizer: str | None = None
+    """Sent as the requests' ``policy_tokenizer``: the items are that tokenizer's IDs."""
+    rm_tokens: int | None = None
+    """For policy items: the RM tokens the server makes of them, the work it really does."""
 
     @property
     def items(self) -> list[Item]:
@@ -27,10 +32,18 @@ class Workload:
 
     @property
     def tokens(self) -> int:
+        """Tokens the RM reads (prompt and response, no suffix): throughput is counted in
+        these, so a policy workload and its RM twin compare equal work."""
+        if self.rm_tokens is not None:
+            return self.rm_tokens
         return sum(len(p) + len(r) for p, r in self.items)
 
 
 WORKLOADS = ("mixed", "group", "long")
+"""What ``--workload all`` runs."""
+OPT_IN_WORKLOADS = ("mixed-policy",)
+"""Run only when named: they need packages beyond the server's (the policy tokenizer and the
+text corpus) and add minutes to a run that ``all`` already keeps at about 13."""
 
 
 def make_workload(name: str, *, vocab_size: int, scale: float = 1.0, seed: int = 0) -> Workload:
