@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+# Session-scoped servers of tiny RMs with real tokenizers, for the chat and policy-token tests.
+from tests.api.chat_support import demo_rm, llama_rm, policy_dirs, sp_rm  # noqa: F401
 from tests.support import LiveServer
 from tokenreward_service.config import Settings
 from tokenreward_service.loading import load_reward_model
