@@ -2,9 +2,8 @@
 """Readiness check of the tokenreward server in this container: exit 0 when ``GET /readyz``
 answers 200, else 1.
 
-Docker's HEALTHCHECK and the Kubernetes readiness probe (an exec probe) both run it. It exists
-because ``/readyz`` needs the API key when keys are set, and an HTTP probe cannot read a
-Secret; this script runs inside the container, where the keys are in the environment.
+Docker's HEALTHCHECK runs it (the image has no curl). ``/readyz`` needs no API key; the script
+still sends the first key it finds, which a server with keys accepts and one without ignores.
 
 Port, host and key are found the way the server finds them: the ``--port``, ``--host`` and
 ``--api-keys`` flags of the server's own command line (PID 1, when that is ``tokenreward

@@ -152,7 +152,8 @@ run_container() {
         -e TOKENREWARD_API_KEYS=e2e-key-0123456789 \
         "$IMAGE" --host 127.0.0.1 --port "$port" >/dev/null
     wait_http "http://127.0.0.1:$port/readyz" 180 -H 'Authorization: Bearer e2e-key-0123456789'
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/readyz")" = 401 ]
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/readyz")" = 200 ]  # probes need no key
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v1/model")" = 401 ]
     podman healthcheck run "$name"  # sends the key from the container's environment
     model=$(curl -sf -H 'Authorization: Bearer e2e-key-0123456789' "http://127.0.0.1:$port/v1/model")
     grep -q '"random_weights":false' <<<"$model"

@@ -132,7 +132,9 @@ def create_app(
         )
         await batcher.start()
         metrics.batch_budget.set_function(lambda: batcher.batch_token_budget)
+        metrics.scheduler_up.set_function(lambda: 0.0 if batcher.failed else 1.0)
         state.batcher_alive = lambda: batcher.alive
+        state.batcher_failed = lambda: batcher.failed
         state.batcher_budget = lambda: batcher.batch_token_budget
         state.service = RewardService(
             reward_model.spec,

@@ -97,6 +97,8 @@ class _Pending:
     request: int
     length: int = field(init=False)
     prompt_key: tuple[int, ...] = field(init=False)
+    released: bool = False
+    """Its tokens no longer count against the queue bound (taken, dropped or given up)."""
 
     def __post_init__(self) -> None:
         self.length = len(self.job.tokens)
@@ -126,6 +128,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._failed = False
+        self._in_flight: list[_Pending] = []
         self._tokens_per_s = 0.0
         self._budget = config.max_batch_tokens
         self._requests = 0
@@ -134,6 +138,17 @@ class Batcher:
     def alive(self) -> bool:
         """True while the scheduler runs and accepts work."""
         return self._task is not None and not self._task.done() and not self._closing
+
+    @property
+    def failed(self) -> bool:
+        """True once the scheduler has died: the process can no longer serve and should be
+        restarted (liveness reads this; a clean stop is not a failure)."""
+        return self._failed or (
+            self._task is not None
+            and self._task.done()
+            and not self._task.cancelled()
+            and self._task.exception() is not None
+        )
 
     @property
     def queued_items(self) -> int:
@@ -198,6 +213,14 @@ class Batcher:
             for p in pending:
                 if not p.future.done():
                     p.future.cancel()
+            gone = [p for p in pending if not p.released]  # still queued
+            if gone:
+                # The caller went away (disconnect, deadline, a sibling's failure): its items
+                # leave the queue and the bound now, not when the next batch is taken, so a
+                # new request is not refused for work that nobody waits for.
+                self._release(gone)
+                self._queue = [p for p in self._queue if not p.released]
+                self._report_queue()
 
     def _retry_after(self, tokens: int) -> int:
         """Seconds until the queue has likely drained enough, from the observed throughput."""
@@ -206,16 +229,27 @@ class Batcher:
 
     def _report_queue(self) -> None:
         if self._on_queue is not None:
-            self._on_queue(len(self._queue), self._queued_tokens)
+            try:
+                self._on_queue(len(self._queue), self._queued_tokens)
+            except Exception:
+                log.exception("the queue observer failed")
 
     def _drop(self, item: _Pending) -> None:
-        self._queued_tokens -= item.length
+        self._release([item])
+
+    def _release(self, items: Sequence[_Pending]) -> None:
+        for item in items:
+            if not item.released:
+                item.released = True
+                self._queued_tokens -= item.length
 
     def _take_batch(self) -> list[_Pending]:
         """Remove and return the next batch; expired and cancelled items are dropped on the way."""
         now = self._clock()
         live: list[_Pending] = []
         for item in self._queue:
+            if item.released:  # given up by its caller, already out of the bound
+                continue
             if item.future.done():  # caller gone
                 self._drop(item)
             elif item.deadline <= now:
@@ -295,13 +329,21 @@ class Batcher:
         except asyncio.CancelledError:
             raise
         except BaseException:
-            log.exception("the batch scheduler failed; refusing new work")
+            log.exception(
+                "the batch scheduler failed: failing %d waiting and %d in-flight items; the "
+                "process must be restarted (liveness now fails)",
+                len(self._queue),
+                len(self._in_flight),
+            )
+            self._failed = True
             self._closing = True
-            for item in self._queue:
+            for item in [*self._in_flight, *self._queue]:
                 if not item.future.done():
                     item.future.set_exception(InternalError("the batch scheduler failed"))
+            self._in_flight = []
             self._queue = []
             self._queued_tokens = 0
+            self._report_queue()
             raise
 
     async def _schedule(self) -> None:
@@ -322,44 +364,70 @@ class Batcher:
             batch = self._take_batch()
             if not batch:
                 continue
-            started = self._clock()
-            try:
-                scored = await loop.run_in_executor(
-                    self._executor,
-                    self._engine.score_batch,
-                    [p.job.tokens for p in batch],
-                    [p.job.prompt_len for p in batch],
-                )
-            except Exception as exc:  # the model failed: fail this batch, keep serving
-                log.exception("forward pass failed for a batch of %d", len(batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(InternalError(f"forward pass failed: {exc}"))
-                continue
-            elapsed = self._clock() - started
-            if scored.oom_splits and self._budget > 1024:
-                # The device ran out of memory at this budget: later batches get a smaller one.
-                self._budget = max(1024, self._budget // 2)
-                log.warning("out of device memory: batch token budget lowered to %d", self._budget)
-            for p, result in zip(batch, scored.scores, strict=True):
+            self._in_flight = batch
+            self._finish(batch, await self._forward(loop, batch))
+            self._in_flight = []
+
+    async def _forward(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]
+    ) -> tuple[BatchScores, float, float] | None:
+        """Run one batch on the inference thread; a model failure fails this batch only."""
+        started = self._clock()
+        try:
+            scored = await loop.run_in_executor(
+                self._executor,
+                self._engine.score_batch,
+                [p.job.tokens for p in batch],
+                [p.job.prompt_len for p in batch],
+            )
+        except Exception as exc:  # the model failed: fail this batch, keep serving
+            log.exception("forward pass failed for a batch of %d", len(batch))
+            for p in batch:
                 if not p.future.done():
-                    p.future.set_result(result)
-            real = sum(p.length for p in batch)
-            if elapsed > 0:
-                rate = real / elapsed
-                self._tokens_per_s = (
-                    rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+                    p.future.set_exception(InternalError(f"forward pass failed: {exc}"))
+            return None
+        return scored, started, self._clock() - started
+
+    def _finish(self, batch: list[_Pending], ran: tuple[BatchScores, float, float] | None) -> None:
+        """Hand each caller its scores. An engine answering with the wrong number of results
+        fails the batch (never a shifted result); a failing observer is logged, not fatal."""
+        if ran is None:
+            return
+        scored, started, elapsed = ran
+        if len(scored.scores) != len(batch):
+            log.error("the engine returned %d results for %d items", len(scored.scores), len(batch))
+            error = f"the model returned {len(scored.scores)} results for a batch of {len(batch)}"
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(InternalError(error))
+            return
+        if scored.oom_splits and self._budget > 1024:
+            # The device ran out of memory at this budget: later batches get a smaller one.
+            self._budget = max(1024, self._budget // 2)
+            log.warning("out of device memory: batch token budget lowered to %d", self._budget)
+        for p, result in zip(batch, scored.scores, strict=True):
+            if not p.future.done():
+                p.future.set_result(result)
+        real = sum(p.length for p in batch)
+        if elapsed > 0:
+            rate = real / elapsed
+            self._tokens_per_s = (
+                rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+            )
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(
+                BatchStats(
+                    size=len(batch),
+                    submitted_tokens=real,
+                    real_tokens=scored.real_tokens,
+                    padded_tokens=scored.computed_tokens,
+                    shared_items=scored.shared_items,
+                    oom_splits=scored.oom_splits,
+                    queue_wait_s=started - min(p.enqueued for p in batch),
+                    inference_s=elapsed,
                 )
-            if self._on_batch is not None:
-                self._on_batch(
-                    BatchStats(
-                        size=len(batch),
-                        submitted_tokens=real,
-                        real_tokens=scored.real_tokens,
-                        padded_tokens=scored.computed_tokens,
-                        shared_items=scored.shared_items,
-                        oom_splits=scored.oom_splits,
-                        queue_wait_s=started - min(p.enqueued for p in batch),
-                        inference_s=elapsed,
-                    )
-                )
+            )
+        except Exception:
+            log.exception("the batch observer failed; the results were delivered")

@@ -129,8 +129,8 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Bearer keys, comma separated. When set, every route but /healthz and "
-        "/metrics needs 'Authorization: Bearer <key>'.",
+        description="Bearer keys, comma separated. When set, every route but the probes "
+        "(/healthz, /readyz) and /metrics needs 'Authorization: Bearer <key>'.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level of the service and of uvicorn."

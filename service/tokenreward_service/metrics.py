@@ -153,6 +153,12 @@ class Metrics(ResultObserver):
             "device memory).",
             registry=registry,
         )
+        self.scheduler_up = Gauge(
+            "tokenreward_scheduler_up",
+            "1 while the batch scheduler runs; 0 once it has failed (the process then fails "
+            "liveness and must be restarted).",
+            registry=registry,
+        )
         self.queue_wait = Histogram(
             "tokenreward_queue_wait_seconds",
             "Time the oldest item of a batch waited before its forward pass.",

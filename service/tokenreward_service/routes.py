@@ -53,6 +53,7 @@ class AppState:
         self.service: RewardService | None = None
         self.ready = False
         self.batcher_alive: Callable[[], bool] = lambda: False
+        self.batcher_failed: Callable[[], bool] = lambda: False
         self.batcher_budget: Callable[[], int] = lambda: 0
 
     def require_service(self) -> RewardService:
@@ -215,10 +216,16 @@ def build_router(state: AppState) -> APIRouter:
 
     @router.get("/healthz")
     async def healthz() -> Response:
+        """Liveness: the process serves HTTP and its scheduler has not died (a dead scheduler
+        cannot be revived in place: the orchestrator must restart the process)."""
+        if state.batcher_failed():
+            raise InternalError("the batch scheduler failed; restart the process")
         return Response(b'{"status":"ok"}', media_type=JSON)
 
-    @router.get("/readyz", dependencies=guarded)
+    @router.get("/readyz")
     async def readyz() -> Response:
+        """Readiness, for load balancers and probes (which carry no API key): the model is
+        loaded and the scheduler runs; 503 while loading, draining or failed."""
         state.require_service()
         if not state.batcher_alive():
             raise NotReady("the batcher is not running")

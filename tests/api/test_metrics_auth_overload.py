@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -61,11 +62,35 @@ def test_metrics_move_after_traffic(server: LiveServer) -> None:
     assert ("random_weights", "false") in info[0][1]
 
 
-def test_api_keys_guard_every_route_but_health_and_metrics(llama: RewardModel) -> None:
+UNGUARDED = {"/healthz", "/readyz", "/metrics"}
+"""The probes (which carry no key) and the metrics scrape."""
+
+
+def _flat_routes(routes: Sequence[Any]) -> list[Any]:
+    """The app's routes, routers included (FastAPI keeps an included router as one entry)."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out.extend(_flat_routes(inner.routes) if inner is not None else [route])
+    return out
+
+
+def test_api_keys_guard_every_route_but_the_probes_and_metrics(llama: RewardModel) -> None:
     key = "s3cret-key-123"
     with LiveServer(Settings(api_keys=[key, "another-key-456"]), model=llama) as server:
         body = {"items": [{"prompt_ids": [1], "response_ids": [2]}]}
-        for method, path in [("POST", "/v1/rewards"), ("GET", "/v1/model"), ("GET", "/readyz")]:
+        # Every route the app has, so that a new route without the guard fails this test.
+        routes = [
+            (method, route.path)
+            for route in _flat_routes(server.app.routes)
+            for method in sorted(route.methods or ())
+            if method != "HEAD"
+        ]
+        assert {path for _, path in routes} >= {"/v1/rewards", "/v1/model", *UNGUARDED}
+        for method, path in routes:
+            if path in UNGUARDED:
+                assert httpx.request(method, server.url + path).status_code == 200, path
+                continue
             for headers in [{}, {"Authorization": "Bearer wrong-key-0000"}, {"Authorization": key}]:
                 response = httpx.request(method, server.url + path, json=body, headers=headers)
                 assert response.status_code == 401, (path, headers)
@@ -79,8 +104,6 @@ def test_api_keys_guard_every_route_but_health_and_metrics(llama: RewardModel) -
                     headers={"Authorization": f"Bearer {good}"},
                 )
                 assert ok.status_code == 200, (path, ok.text)
-        assert httpx.get(f"{server.url}/healthz").status_code == 200
-        assert httpx.get(f"{server.url}/metrics").status_code == 200
 
 
 class GatedModel:
@@ -221,3 +244,36 @@ def test_rejected_items_are_counted_by_reason(server: LiveServer) -> None:
     after = _samples(httpx.get(f"{server.url}/metrics").text)
     key = ("tokenreward_rejected_items_total", (("reason", "invalid_request"),))
     assert after[key] - before.get(key, 0.0) == 2
+
+
+class DyingModel:
+    """The real model's spec, but a forward pass that answers with nothing the scheduler can
+    read, so the scheduler itself dies with the batch in flight."""
+
+    def __init__(self, model: RewardModel) -> None:
+        self.spec = model.spec
+
+    def score_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> BatchScores:
+        return BatchScores(None, 0, 0, 0)  # type: ignore[arg-type]
+
+
+def test_a_dead_scheduler_answers_its_callers_and_fails_liveness(llama: RewardModel) -> None:
+    """Before: the caller waited for its deadline, /healthz stayed 200 and nothing said why."""
+    settings = Settings(request_timeout_s=60)
+    with LiveServer(settings, model=DyingModel(llama)) as server:  # type: ignore[arg-type]
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        answer = httpx.post(
+            f"{server.url}/v1/rewards",
+            json={"items": [{"prompt_ids": [1], "response_ids": [2]}]},
+            timeout=30,  # well below the request's own 60 s deadline
+        )
+        assert answer.status_code == 500
+        assert "scheduler failed" in answer.json()["error"]["message"]
+        health = httpx.get(f"{server.url}/healthz")
+        assert health.status_code == 500
+        assert health.json()["error"]["type"] == "internal"
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "tokenreward_scheduler_up 0.0" in metrics

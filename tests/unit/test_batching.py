@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -34,10 +34,12 @@ class RecordingEngine:
         self.fail_next = False
         self.thread_names: set[str] = set()
         self.prompt_lens: list[list[int]] = []
+        self.entered = 0  # forward passes begun (the gated one included)
 
     def score_batch(
         self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
     ) -> BatchScores:
+        self.entered += 1
         self.prompt_lens.append(list(prompt_lens))
         self.thread_names.add(threading.current_thread().name)
         if self.gate is not None:
@@ -51,6 +53,14 @@ class RecordingEngine:
         scores = [torch.cumsum(torch.tensor(s, dtype=torch.float32), 0) for s in sequences]
         real = sum(map(len, sequences))
         return BatchScores(scores, max(map(len, sequences)) * len(sequences), real, 0)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll the state a test waits for (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the state waited for never came"
+        await asyncio.sleep(0.001)
 
 
 def seq(n: int, start: int = 1, prompt_len: int = 1) -> Job:
@@ -122,7 +132,7 @@ def test_overload_is_refused_at_once_and_too_large_is_not_retryable() -> None:
         engine = RecordingEngine(gate=gate)
         batcher = await started(engine, max_queued_tokens=100, max_batch_size=1, max_wait_s=0)
         first = asyncio.ensure_future(batcher.submit([seq(40), seq(40)], timeout_s=5))
-        await asyncio.sleep(0.05)  # one item is in the forward pass (gated), one still queued
+        await until(lambda: engine.entered == 1)  # one item in the (gated) forward pass
         assert batcher.queued_tokens == 40
         with pytest.raises(Overloaded) as info:
             await batcher.submit([seq(61)], timeout_s=5)
@@ -144,9 +154,9 @@ def test_cancelled_callers_items_are_dropped_before_inference() -> None:
         engine = RecordingEngine(gate=gate)
         batcher = await started(engine, max_batch_size=1, max_wait_s=0)
         busy = asyncio.ensure_future(batcher.submit([seq(3)], timeout_s=5))
-        await asyncio.sleep(0.05)
+        await until(lambda: engine.entered == 1)
         gone = asyncio.ensure_future(batcher.submit([seq(77), seq(78)], timeout_s=5))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_items == 2)
         gone.cancel()
         gate.set()
         await busy
@@ -164,9 +174,10 @@ def test_work_past_its_deadline_is_dropped_with_timeout() -> None:
         engine = RecordingEngine(gate=gate)
         batcher = await started(engine, max_batch_size=1, max_wait_s=0)
         busy = asyncio.ensure_future(batcher.submit([seq(3)], timeout_s=5))
-        await asyncio.sleep(0.05)
+        await until(lambda: engine.entered == 1)
         late = asyncio.ensure_future(batcher.submit([seq(9)], timeout_s=0.01))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued_items == 1)
+        await asyncio.sleep(0.02)  # the deadline itself is what is tested: let it pass
         gate.set()
         await busy
         with pytest.raises(DeadlineExceeded):
@@ -216,7 +227,7 @@ def test_stop_finishes_queued_work_then_refuses() -> None:
         engine = RecordingEngine(delay_s=0.05)
         batcher = await started(engine, max_batch_size=1, max_wait_s=0)
         pending = asyncio.ensure_future(batcher.submit([seq(2), seq(3), seq(4)], timeout_s=5))
-        await asyncio.sleep(0.01)
+        await until(lambda: engine.entered == 1)
         await batcher.stop()
         assert len(await pending) == 3
         assert not batcher.alive
@@ -298,6 +309,100 @@ def test_a_group_larger_than_the_budget_fills_batches_in_turn() -> None:
         results = await batcher.submit(jobs, timeout_s=5)
         assert engine.batches == [[20] * 3, [20] * 3, [20]]
         assert [float(r[-1]) for r in results] == [70.0 + 10 * i for i in range(7)]
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_goes_away_frees_its_share_of_the_bound_at_once() -> None:
+    """Before: the cancelled items kept counting until the next batch was taken, so a request
+    of the same size was refused with 429 although nothing real waited."""
+
+    async def main() -> None:
+        gate = threading.Event()
+        engine = RecordingEngine(gate=gate)
+        queued: list[tuple[int, int]] = []
+        batcher = Batcher(
+            engine,
+            BatcherConfig(max_queued_tokens=100, max_batch_size=1, max_wait_s=0),
+            on_queue=lambda items, tokens: queued.append((items, tokens)),
+        )
+        await batcher.start()
+        busy = asyncio.ensure_future(batcher.submit([seq(10)], timeout_s=5))
+        await until(lambda: engine.entered == 1)  # the model is busy (held) with it
+        gone = asyncio.ensure_future(batcher.submit([seq(80)], timeout_s=5))
+        await until(lambda: batcher.queued_tokens == 80)
+        gone.cancel()
+        await until(gone.done)
+        assert (batcher.queued_items, batcher.queued_tokens) == (0, 0)
+        assert queued[-1] == (0, 0)  # the autoscaling signal is not inflated either
+        same = asyncio.ensure_future(batcher.submit([seq(80)], timeout_s=5))  # admitted
+        await until(lambda: batcher.queued_tokens == 80)
+        gate.set()
+        await busy
+        assert len(await same) == 1
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+class BrokenEngine(RecordingEngine):
+    """Answers with a malformed result: ``wrong_count`` results too few, or none at all (which
+    nothing in the scheduler expects: it dies with the batch in flight)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def score_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> BatchScores:
+        good = super().score_batch(sequences, prompt_lens)
+        if self.mode == "wrong_count":
+            return BatchScores(good.scores[:-1], good.computed_tokens, good.real_tokens, 0)
+        return BatchScores(None, 0, 0, 0)  # type: ignore[arg-type]
+
+
+def test_a_wrong_number_of_results_fails_the_batch_not_the_scheduler() -> None:
+    async def main() -> None:
+        batcher = await started(BrokenEngine("wrong_count"), max_wait_s=0)
+        with pytest.raises(InternalError, match="2 results for a batch of 3"):
+            await batcher.submit([seq(3), seq(3), seq(3)], timeout_s=5)
+        assert batcher.alive
+        assert not batcher.failed
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_a_failing_observer_does_not_take_the_results_or_the_scheduler() -> None:
+    async def main() -> None:
+        def observe(_: BatchStats) -> None:
+            raise RuntimeError("metrics backend broke")
+
+        batcher = Batcher(RecordingEngine(), BatcherConfig(max_wait_s=0), on_batch=observe)
+        await batcher.start()
+        for _ in range(2):
+            assert len(await batcher.submit([seq(3)], timeout_s=5)) == 1
+        assert batcher.alive
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_a_dead_scheduler_fails_the_batch_in_flight_at_once_and_says_so() -> None:
+    """Before: the in-flight batch's callers waited for their own deadline (here 30 s)."""
+
+    async def main() -> None:
+        batcher = await started(BrokenEngine("none"), max_wait_s=0)
+        started_at = time.monotonic()
+        with pytest.raises(InternalError, match="scheduler failed"):
+            await batcher.submit([seq(3)], timeout_s=30)
+        assert time.monotonic() - started_at < 5
+        assert batcher.failed
+        assert not batcher.alive
+        with pytest.raises(NotReady):
+            await batcher.submit([seq(3)], timeout_s=30)
         await batcher.stop()
 
     asyncio.run(main())
