@@ -9,11 +9,12 @@ a network.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from tokenreward._errors import (
     OverloadedError,
     RewardClientError,
 )
-from tokenreward._policy import EndpointPool, RetryPolicy
+from tokenreward._policy import Endpoint, EndpointPool, RetryPolicy
 from tokenreward.protocol import (
     Baseline,
     ErrorResponse,
@@ -40,7 +41,7 @@ from tokenreward.protocol import (
     RewardResult,
 )
 
-__all__ = ["BaseRewardClient", "ItemLike"]
+__all__ = ["Attempts", "BaseRewardClient", "CallCancelled", "ItemLike", "Send", "Sleep"]
 
 ItemLike = RewardItem | Sequence[Any] | Mapping[str, Any]
 """A :class:`RewardItem`, a ``(prompt_ids, response_ids)`` pair, or a mapping of its fields
@@ -59,6 +60,11 @@ class Chunk:
     body: bytes
     request_id: str
     ids: tuple[str | None, ...]
+    """The id each result must carry: the caller's, or one the client gave the item."""
+    lengths: tuple[int | None, ...] = ()
+    """Rewards each result must have (the response's token IDs), where the client knows it."""
+    own_ids: bool = False
+    """Whether some ids are the client's own, to be taken off the results again."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,32 @@ class CallState:
     deadline: float
     results: list[RewardResult | None]
     revisions: set[str] = field(default_factory=set)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when one chunk has failed for good: its siblings stop at their next step."""
+
+
+class CallCancelled(Exception):
+    """A sibling chunk failed for good: this chunk stops instead of retrying on."""
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send the chunk to ``endpoint``; the whole attempt must end within ``timeout`` seconds."""
+
+    endpoint: Endpoint
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Wait ``seconds`` before the next attempt (stop early if the call is cancelled)."""
+
+    seconds: float
+
+
+Attempts = Generator[Send | Sleep, Outcome | None, Outcome]
+"""The attempt/retry decisions of one chunk: yields what to do, is sent each attempt's
+:class:`Outcome`, returns the successful one or raises the final error."""
 
 
 def to_item(value: ItemLike, index: int) -> RewardItem:
@@ -189,8 +221,14 @@ class BaseRewardClient:
         return chunks
 
     def _chunk(self, items: list[RewardItem], span: range, options: Options) -> Chunk:
+        # Every item goes out with an id (the caller's, or its position here), so that results
+        # swapped or dropped by a faulty replica or proxy are caught, not returned as data.
+        sent = [
+            item if item.id is not None else item.model_copy(update={"id": f"#{i}"})
+            for i, item in zip(span, items[span.start : span.stop], strict=True)
+        ]
         request = RewardRequest(
-            items=items[span.start : span.stop],
+            items=sent,
             beta_c=options.beta_c,
             baseline=options.baseline,
             return_prefix_scores=options.return_prefix_scores,
@@ -201,7 +239,11 @@ class BaseRewardClient:
             items=span,
             body=request.model_dump_json(exclude_none=True).encode(),
             request_id=uuid.uuid4().hex,
-            ids=tuple(items[i].id for i in span),
+            ids=tuple(item.id for item in sent),
+            lengths=tuple(
+                len(item.response_ids) if item.response_ids is not None else None for item in sent
+            ),
+            own_ids=any(items[i].id is None for i in span),
         )
 
     def new_call(self, count: int, timeout: float | None) -> CallState:
@@ -228,28 +270,19 @@ class BaseRewardClient:
             try:
                 parsed = RewardResponse.model_validate_json(content)
             except ValidationError as exc:
-                return Outcome(
-                    error=BadResponseError(
-                        f"{url} answered 200 with an invalid body: {exc}", items=chunk.items
-                    )
-                )
-            if len(parsed.results) != len(chunk.items):
-                return Outcome(
-                    error=BadResponseError(
-                        f"{url} returned {len(parsed.results)} results "
-                        f"for {len(chunk.items)} items",
-                        items=chunk.items,
-                    )
-                )
-            for sent, result in zip(chunk.ids, parsed.results, strict=True):
-                if result.id != sent:
-                    return Outcome(
-                        error=BadResponseError(
-                            f"{url} returned id {result.id!r} where {sent!r} was sent",
-                            items=chunk.items,
-                        )
-                    )
-            return Outcome(results=list(parsed.results), revision=parsed.model.revision)
+                return _malformed(f"{url} answered 200 with an invalid body: {exc}", chunk)
+            problem = _check_results(parsed.results, chunk)
+            if problem is not None:
+                return _malformed(f"{url} {problem}", chunk)
+            results = list(parsed.results)
+            if chunk.own_ids:
+                results = [
+                    r.model_copy(update={"id": None})
+                    if r.id is not None and r.id.startswith("#")
+                    else r
+                    for r in results
+                ]
+            return Outcome(results=results, revision=parsed.model.revision)
         error = self.api_error(status, content, headers, chunk, url)
         retryable = status in RETRYABLE_STATUSES
         return Outcome(
@@ -294,10 +327,44 @@ class BaseRewardClient:
     # -- deciding ----------------------------------------------------------------------------
 
     def attempt_timeout(self, state: CallState, chunk: Chunk) -> float:
+        """The whole attempt's budget: the request timeout, within the call's deadline; with
+        several replicas at most half of what is left, so that a replica that never answers
+        leaves time to try another."""
         remaining = state.deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceededError("the call's deadline passed", items=chunk.items)
+        if len(self.pool.endpoints) > 1:
+            remaining = max(remaining / 2, min(remaining, 1.0))
         return min(self.request_timeout, remaining)
+
+    def attempts(self, chunk: Chunk, state: CallState) -> Attempts:
+        """The one attempt/retry/cancel logic that both clients drive (sans I/O): each client
+        only performs the :class:`Send` and :class:`Sleep` steps it is given, its own way."""
+        attempt = 0
+        previous: Endpoint | None = None
+        while True:
+            if state.cancelled.is_set():
+                raise CallCancelled("a sibling chunk of this call failed")
+            timeout = self.attempt_timeout(state, chunk)
+            endpoint = self.pool.acquire(avoid=previous)
+            try:
+                outcome = yield Send(endpoint, timeout)
+            except BaseException:
+                self.pool.release(endpoint, failed=False)
+                raise
+            assert outcome is not None
+            self.pool.release(endpoint, failed=outcome.endpoint_failed)
+            if outcome.retry_after is not None:
+                self.pool.overloaded(endpoint, outcome.retry_after)
+            if outcome.error is None:
+                return outcome
+            delay = self.next_delay(outcome, attempt, state, chunk)
+            if outcome.retry_after is not None and self.pool.idle_other(endpoint):
+                delay = 0.0  # another replica is not overloaded: try it now, not in Retry-After
+            if delay > 0:
+                yield Sleep(delay)
+            attempt += 1
+            previous = endpoint
 
     def next_delay(self, outcome: Outcome, attempt: int, state: CallState, chunk: Chunk) -> float:
         """Seconds to sleep before retrying, or raise the outcome's error when it is final."""
@@ -337,6 +404,36 @@ class BaseRewardClient:
                 f"{len(missing)} items got no result", items=range(missing[0], missing[-1] + 1)
             )
         return [r for r in state.results if r is not None]
+
+
+def _malformed(message: str, chunk: Chunk) -> Outcome:
+    """A 200 that cannot be right: a replica or proxy fault, never data. The replica is set
+    aside and the chunk retried elsewhere."""
+    return Outcome(
+        error=BadResponseError(message, items=chunk.items), retryable=True, endpoint_failed=True
+    )
+
+
+def _check_results(results: Sequence[RewardResult], chunk: Chunk) -> str | None:
+    """What is wrong with a 200's results for this chunk, or None."""
+    if len(results) != len(chunk.items):
+        return f"returned {len(results)} results for {len(chunk.items)} items"
+    for offset, result in enumerate(results):
+        sent = chunk.ids[offset]
+        if result.id != sent:
+            return f"returned id {result.id!r} where {sent!r} was sent"
+        expected = chunk.lengths[offset] if chunk.lengths else None
+        if expected is not None and len(result.token_rewards) != expected:
+            return (
+                f"returned {len(result.token_rewards)} token rewards for item {sent!r} of "
+                f"{expected} response tokens"
+            )
+        values = [result.score, *result.token_rewards]
+        if result.prompt_score is not None:
+            values.append(result.prompt_score)
+        if not all(math.isfinite(v) for v in values):
+            return f"returned a non-finite reward or score for item {sent!r}"
+    return None
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -17,8 +17,15 @@ from typing import Any
 
 import httpx
 
-from tokenreward._base import BaseRewardClient, CallState, Chunk, ItemLike, Outcome
-from tokenreward._policy import Endpoint
+from tokenreward._base import (
+    BaseRewardClient,
+    CallCancelled,
+    CallState,
+    Chunk,
+    ItemLike,
+    Outcome,
+    Send,
+)
 from tokenreward.protocol import Baseline, ModelInfo, RewardResult
 
 __all__ = ["AsyncRewardClient", "RewardClient"]
@@ -28,8 +35,8 @@ class RewardClient(BaseRewardClient):
     """Blocking client. Chunks of a big call are sent from a small thread pool.
 
     ``RewardClient("http://rm:8000")`` or ``RewardClient(["http://rm-0:8000", "http://rm-1:8000"])``;
-    ``transport=`` replaces httpx's transport (tests, custom pools); ``sleep=`` replaces
-    :func:`time.sleep` (tests).
+    ``transport=`` replaces httpx's transport (tests, custom pools); ``sleep=`` replaces the
+    wait between attempts (tests; by default a wait that ends early when the call is given up).
     """
 
     def __init__(
@@ -37,7 +44,7 @@ class RewardClient(BaseRewardClient):
         base_urls: str | Sequence[str],
         *,
         transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         **options: Any,
     ) -> None:
         super().__init__(base_urls, **options)
@@ -97,50 +104,66 @@ class RewardClient(BaseRewardClient):
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in futures if f in done and f.exception() is not None]
             if failed:
+                # As the async twin does: give up the siblings now. Queued ones never start;
+                # running ones stop at their next step (a wait ends early), and an attempt
+                # still on the wire is left to finish on its own, its answer dropped.
+                state.cancelled.set()
                 for future in pending:
                     future.cancel()
-                wait(pending)
-                raise failed[0].exception()  # type: ignore[misc]
+                first = failed[0].exception()
+                assert first is not None
+                raise first
         return self.finish(state)
 
     def _send(self, chunk: Chunk, state: CallState) -> None:
         self.accept(state, chunk, self._call("POST", "/v1/rewards", chunk, state))
 
     def _call(self, method: str, path: str, chunk: Chunk, state: CallState) -> Outcome:
-        """One logical request with its retries; returns the successful outcome or raises."""
-        attempt = 0
-        previous: Endpoint | None = None
+        """Drive the shared attempt machine: send, or wait, as it says."""
+        machine = self.attempts(chunk, state)
+        step = next(machine)
         while True:
-            timeout = self.attempt_timeout(state, chunk)
-            endpoint = self.pool.acquire(avoid=previous)
+            outcome: Outcome | None = None
             try:
-                response = self._http.request(
-                    method,
-                    endpoint.url + path,
-                    content=chunk.body or None,
-                    headers=self.headers(chunk.request_id),
-                    timeout=timeout,
-                )
-            except httpx.TransportError as exc:
-                outcome = self.transport_outcome(exc, chunk, endpoint.url)
-            except BaseException:
-                self.pool.release(endpoint, failed=False)
+                if isinstance(step, Send):
+                    outcome = self._attempt(method, path, chunk, step)
+                elif self._sleep is not None:
+                    self._sleep(step.seconds)
+                elif state.cancelled.wait(step.seconds):
+                    raise CallCancelled("a sibling chunk of this call failed")
+            except BaseException as exc:
+                machine.throw(exc)  # the machine releases what it holds and re-raises
                 raise
-            else:
-                outcome = self.outcome(
-                    method,
-                    response.status_code,
-                    response.content,
-                    response.headers,
-                    chunk,
-                    endpoint.url,
-                )
-            self.pool.release(endpoint, failed=outcome.endpoint_failed)
-            if outcome.error is None:
-                return outcome
-            self._sleep(self.next_delay(outcome, attempt, state, chunk))
-            attempt += 1
-            previous = endpoint
+            try:
+                step = machine.send(outcome)
+            except StopIteration as finished:
+                return finished.value  # type: ignore[no-any-return]
+
+    def _attempt(self, method: str, path: str, chunk: Chunk, step: Send) -> Outcome:
+        """One HTTP exchange that ends within ``step.timeout`` even if the body trickles in
+        (httpx's own timeouts are per read, so a replica sending a byte a second evades them)."""
+        url = step.endpoint.url
+        deadline = time.monotonic() + step.timeout
+        try:
+            with self._http.stream(
+                method,
+                url + path,
+                content=chunk.body or None,
+                headers=self.headers(chunk.request_id),
+                timeout=step.timeout,
+            ) as response:
+                parts = []
+                for part in response.iter_bytes():
+                    parts.append(part)
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout(
+                            "the answer did not arrive within the attempt's time"
+                        )
+        except httpx.TransportError as exc:
+            return self.transport_outcome(exc, chunk, url)
+        return self.outcome(
+            method, response.status_code, b"".join(parts), response.headers, chunk, url
+        )
 
     def model_info(self) -> ModelInfo:
         return ModelInfo.model_validate_json(self._get("/v1/model"))
@@ -249,6 +272,7 @@ class AsyncRewardClient(BaseRewardClient):
                 for task in tasks:
                     task.cancel()
                 raise
+            state.cancelled.set()
             for task in pending:
                 task.cancel()
             if pending:
@@ -264,40 +288,46 @@ class AsyncRewardClient(BaseRewardClient):
         self.accept(state, chunk, await self._call("POST", "/v1/rewards", chunk, state))
 
     async def _call(self, method: str, path: str, chunk: Chunk, state: CallState) -> Outcome:
-        """One logical request with its retries; returns the successful outcome or raises."""
-        attempt = 0
-        previous: Endpoint | None = None
+        """Drive the shared attempt machine: send, or wait, as it says."""
+        machine = self.attempts(chunk, state)
+        step = next(machine)
         while True:
-            timeout = self.attempt_timeout(state, chunk)
-            endpoint = self.pool.acquire(avoid=previous)
+            outcome: Outcome | None = None
             try:
-                response = await self._http.request(
+                if isinstance(step, Send):
+                    outcome = await self._attempt(method, path, chunk, step)
+                else:
+                    await self._sleep(step.seconds)
+            except BaseException as exc:
+                machine.throw(exc)  # the machine releases what it holds and re-raises
+                raise
+            try:
+                step = machine.send(outcome)
+            except StopIteration as finished:
+                return finished.value  # type: ignore[no-any-return]
+
+    async def _attempt(self, method: str, path: str, chunk: Chunk, step: Send) -> Outcome:
+        """One HTTP exchange that ends within ``step.timeout``, however slowly bytes come."""
+        url = step.endpoint.url
+        try:
+            response = await asyncio.wait_for(
+                self._http.request(
                     method,
-                    endpoint.url + path,
+                    url + path,
                     content=chunk.body or None,
                     headers=self.headers(chunk.request_id),
-                    timeout=timeout,
-                )
-            except httpx.TransportError as exc:
-                outcome = self.transport_outcome(exc, chunk, endpoint.url)
-            except BaseException:
-                self.pool.release(endpoint, failed=False)
-                raise
-            else:
-                outcome = self.outcome(
-                    method,
-                    response.status_code,
-                    response.content,
-                    response.headers,
-                    chunk,
-                    endpoint.url,
-                )
-            self.pool.release(endpoint, failed=outcome.endpoint_failed)
-            if outcome.error is None:
-                return outcome
-            await self._sleep(self.next_delay(outcome, attempt, state, chunk))
-            attempt += 1
-            previous = endpoint
+                    timeout=step.timeout,
+                ),
+                step.timeout,
+            )
+        except asyncio.TimeoutError:
+            timeout = httpx.ReadTimeout("the answer did not arrive within the attempt's time")
+            return self.transport_outcome(timeout, chunk, url)
+        except httpx.TransportError as exc:
+            return self.transport_outcome(exc, chunk, url)
+        return self.outcome(
+            method, response.status_code, response.content, response.headers, chunk, url
+        )
 
     async def model_info(self) -> ModelInfo:
         return ModelInfo.model_validate_json(await self._get("/v1/model"))

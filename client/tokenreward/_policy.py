@@ -36,6 +36,8 @@ class Endpoint:
     in_flight: int = 0
     failures: int = 0
     down_until: float = 0.0
+    busy_until: float = 0.0
+    """It answered 429 with a Retry-After reaching to here: other replicas go first."""
 
 
 class EndpointPool:
@@ -68,6 +70,8 @@ class EndpointPool:
         with self._lock:
             now = self._clock()
             healthy = [e for e in self.endpoints if e.down_until <= now]
+            idle = [e for e in healthy if e.busy_until <= now]
+            healthy = idle or healthy
             if avoid is not None and len(healthy) > 1:
                 healthy = [e for e in healthy if e is not avoid] or healthy
             if healthy:
@@ -79,6 +83,20 @@ class EndpointPool:
                 chosen = min(self.endpoints, key=lambda e: e.down_until)
             chosen.in_flight += 1
             return chosen
+
+    def overloaded(self, endpoint: Endpoint, retry_after_s: float) -> None:
+        """The endpoint answered 429: prefer the others for ``retry_after_s`` seconds."""
+        with self._lock:
+            endpoint.busy_until = self._clock() + retry_after_s
+
+    def idle_other(self, endpoint: Endpoint) -> bool:
+        """Whether another endpoint is up and not overloaded (worth trying at once)."""
+        with self._lock:
+            now = self._clock()
+            return any(
+                e is not endpoint and e.down_until <= now and e.busy_until <= now
+                for e in self.endpoints
+            )
 
     def release(self, endpoint: Endpoint, *, failed: bool) -> None:
         with self._lock:

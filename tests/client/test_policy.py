@@ -264,11 +264,55 @@ def test_all_endpoints_down_is_a_typed_error(twin: str) -> None:
     assert len(service.requests) == 5
 
 
+def _faulty(kind: str) -> Handler:
+    """A replica or proxy that answers 200 with something that cannot be right."""
+    good = FakeService()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = good(request).json()
+        results = body["results"]
+        if kind == "short":
+            body["results"] = []
+        elif kind == "swapped":
+            results[0], results[1] = results[1], results[0]
+        elif kind == "one_short":
+            results[0]["token_rewards"] = results[0]["token_rewards"][:-1]
+        elif kind == "one_long":
+            results[1]["token_rewards"] = [*results[1]["token_rewards"], 0.0]
+        elif kind == "nan":
+            return httpx.Response(200, content=json.dumps(body).replace("4.0", "NaN").encode())
+        return httpx.Response(200, json=body)
+
+    return handler
+
+
+FAULTS = ["short", "swapped", "one_short", "one_long", "nan"]
+
+
 @pytest.mark.parametrize("twin", TWINS)
-def test_a_response_that_does_not_match_the_request_is_refused(twin: str) -> None:
-    short = httpx.Response(200, json={"model": {"id": "m", "revision": "r"}, "results": []})
-    with pytest.raises(BadResponseError, match="0 results for 2 items"):
-        call(twin, FakeService({"a": [short]}), ITEMS)
+@pytest.mark.parametrize("kind", FAULTS)
+def test_a_faulty_replica_is_failed_over_never_returned(twin: str, kind: str) -> None:
+    """Items without ids (the README's usage): the client still catches swapped results, and a
+    wrong length or a non-finite value, and gets the right ones from the other replica."""
+    faulty, good = _faulty(kind), FakeService()
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return (faulty if request.url.host == "a" else good)(request)
+
+    results, _ = call(twin, handler, ITEMS, urls=["http://a", "http://b"])
+    assert [r.token_rewards for r in results] == [[3.0, 4.0], [6.0]]
+    assert [r.id for r in results] == [None, None]  # the client's own ids are taken off again
+    if "a" in hosts:
+        assert hosts.count("a") == 1  # set aside after its fault
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("kind", FAULTS)
+def test_only_faulty_answers_end_in_a_typed_error(twin: str, kind: str) -> None:
+    with pytest.raises(BadResponseError, match=r"http://a"):
+        call(twin, _faulty(kind), ITEMS, retry=RetryPolicy(max_attempts=2))
 
 
 @pytest.mark.parametrize("twin", TWINS)
