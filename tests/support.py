@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import uvicorn
 
 from tokenreward_service.app import create_app
 from tokenreward_service.config import Settings
 from tokenreward_service.model import RewardModel
+from tokenreward_service.server import build_server
 
 
 class LiveServer:
@@ -23,10 +23,8 @@ class LiveServer:
 
     def __init__(self, settings: Settings, model: RewardModel | None = None) -> None:
         self.app = create_app(settings, model=model)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"
-        )
-        self.server = uvicorn.Server(config)
+        quiet = settings.model_copy(update={"host": "127.0.0.1", "log_level": "warning"})
+        self.server = build_server(quiet, self.app, port=0)  # the CLI's server, on a free port
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""
 

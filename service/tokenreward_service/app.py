@@ -108,6 +108,8 @@ def create_app(
         api_keys=list(settings.api_keys),
         max_items=settings.max_items_per_request,
         max_bytes=settings.max_request_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        max_inflight_bytes=settings.max_inflight_bytes,
     )
 
     @asynccontextmanager
@@ -135,6 +137,8 @@ def create_app(
         metrics.scheduler_up.set_function(lambda: 0.0 if batcher.failed else 1.0)
         state.batcher_alive = lambda: batcher.alive
         state.batcher_failed = lambda: batcher.failed
+        state.queue_free = lambda: batcher.free_tokens
+        state.retry_after = batcher.retry_after
         state.batcher_budget = lambda: batcher.batch_token_budget
         state.service = RewardService(
             reward_model.spec,

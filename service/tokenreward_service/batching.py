@@ -194,7 +194,7 @@ class Batcher:
         if self._queued_tokens + tokens > self._config.max_queued_tokens:
             raise Overloaded(
                 f"queue full ({self._queued_tokens} tokens waiting)",
-                retry_after=self._retry_after(tokens),
+                retry_after=self.retry_after(tokens),
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
@@ -222,10 +222,19 @@ class Batcher:
                 self._queue = [p for p in self._queue if not p.released]
                 self._report_queue()
 
-    def _retry_after(self, tokens: int) -> int:
-        """Seconds until the queue has likely drained enough, from the observed throughput."""
-        rate = self._tokens_per_s or 10_000.0
-        return max(1, min(60, math.ceil((self._queued_tokens + tokens) / rate)))
+    @property
+    def free_tokens(self) -> int:
+        """Tokens the queue admits now."""
+        return max(0, self._config.max_queued_tokens - self._queued_tokens)
+
+    def retry_after(self, tokens: int) -> int:
+        """Seconds until ``tokens`` fit under the bound: the excess over what is free, at the
+        rate the model has been taking work off the queue (not the time to drain it all, which
+        would idle the device for clients that obey). 1 s before any rate was seen."""
+        excess = self._queued_tokens + tokens - self._config.max_queued_tokens
+        if excess <= 0 or not self._tokens_per_s:
+            return 1
+        return max(1, min(60, math.ceil(excess / self._tokens_per_s)))
 
     def _report_queue(self) -> None:
         if self._on_queue is not None:

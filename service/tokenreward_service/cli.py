@@ -162,7 +162,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _serve(overrides: dict[str, Any]) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
     from tokenreward_service.app import create_app, load_model, load_preparer
@@ -172,7 +171,12 @@ def _serve(overrides: dict[str, Any]) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"tokenreward: invalid settings:\n{exc}", file=sys.stderr)
+        # Never the input values: they may hold API keys.
+        lines = [
+            f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        print("tokenreward: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -188,15 +192,9 @@ def _serve(overrides: dict[str, Any]) -> int:
     except ModelLoadError as exc:
         print(f"tokenreward: cannot serve the model: {exc}", file=sys.stderr)
         return 1
-    config = uvicorn.Config(
-        create_app(settings, model=model, preparer=preparer),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=int(settings.request_timeout_s),
-    )
-    server = uvicorn.Server(config)
+    from tokenreward_service.server import build_server
+
+    server = build_server(settings, create_app(settings, model=model, preparer=preparer))
     server.run()
     return 0 if server.started else 1
 

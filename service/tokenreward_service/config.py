@@ -127,6 +127,41 @@ class Settings(BaseSettings):
         gt=0.0,
         description="Deadline of a request; queued work past it is dropped and answered 504.",
     )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Most open connections (and requests in progress); past it new "
+        "connections get 503 at once. Keep it under the process's open-file limit, or idle "
+        "connections can starve everyone.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="A connection that has not sent a complete request head this long after "
+        "opening (or after its last answer) is closed: slow or idle clients cannot hold "
+        "connections forever.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Deadline for receiving a request's body; a slower upload is answered 504. "
+        "Lower: stalled uploads hold memory and a graceful shutdown for less time; too low "
+        "refuses big requests from slow links.",
+    )
+    max_inflight_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="Bound on request bytes being received or parsed at once, over all "
+        "requests; a body that would pass it is refused with 429 before it is read. Bounds "
+        "the memory that uploads can take before admission control sees a token.",
+    )
+    shutdown_delay_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        description="On SIGTERM, answer /readyz 503 for this long while still serving, so "
+        "load balancers stop sending work before the listener closes; then drain. SIGINT "
+        "skips it.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Bearer keys, comma separated. When set, every route but the probes "

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -17,10 +18,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenreward.protocol import ERROR_STATUS, ErrorBody, ErrorResponse, RewardRequest
 from tokenreward_service.errors import (
+    DeadlineExceeded,
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
@@ -40,18 +43,57 @@ JSON = "application/json"
 ROUTES = ("/v1/rewards", "/v1/model", "/healthz", "/readyz", "/metrics")
 
 
+class InflightBytes:
+    """Request bytes being received or parsed, over all requests, under one bound. The event
+    loop is the only writer, so no lock is needed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+MIN_BYTES_PER_TOKEN = 16
+"""A request body of N bytes holds at least N / 16 tokens' worth of work in practice (a token
+ID is at most 7 characters and a comma; text runs about 4 characters a token): used to refuse
+a body while the queue is full before reading and parsing it."""
+
+
 class AppState:
     """What the routes need; filled by the app's lifespan once the model is loaded."""
 
     def __init__(
-        self, *, metrics: Metrics, api_keys: list[str], max_items: int, max_bytes: int
+        self,
+        *,
+        metrics: Metrics,
+        api_keys: list[str],
+        max_items: int,
+        max_bytes: int,
+        body_timeout_s: float = 30.0,
+        max_inflight_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.metrics = metrics
         self.api_keys = [key.encode() for key in api_keys]
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
+        self.inflight = InflightBytes(max_inflight_bytes)
         self.service: RewardService | None = None
         self.ready = False
+        self.draining = False
+        """SIGTERM arrived: /readyz answers 503 while queued and arriving work is still served."""
+        self.queue_free: Callable[[], int] = lambda: 1 << 62
+        """Tokens the queue can still admit."""
+        self.retry_after: Callable[[int], int] = lambda tokens: 1
+        """Seconds until that many tokens likely fit."""
         self.batcher_alive: Callable[[], bool] = lambda: False
         self.batcher_failed: Callable[[], bool] = lambda: False
         self.batcher_budget: Callable[[], int] = lambda: 0
@@ -138,18 +180,63 @@ def _error_type(status: int) -> str:
     return "client_closed" if status == 499 else "other"
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+@dataclass(frozen=True)
+class ReceivedBody:
+    """A request body, and how much of the in-flight bound it holds until it is parsed."""
+
+    data: bytes
+    reserved: int
+
+
+async def _read_body(request: Request, state: AppState) -> ReceivedBody:
+    """The body, within the byte cap, the body deadline and the global in-flight bound.
+
+    A declared ``Content-Length`` is checked and reserved before a byte is read; a chunked
+    body reserves as it arrives. The caller gives the reservation back (``state.inflight``)
+    once the body is parsed.
+    """
+    limit = state.max_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > limit:
+        raise TooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
+    if size is not None and not state.inflight.take(size):
+        raise Overloaded(
+            f"{state.inflight.used} request bytes are being received; try again shortly",
+            retry_after=1,
+        )
+    reserved = size or 0
     chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    received = 0
+
+    async def receive() -> None:
+        nonlocal received, reserved
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise TooLarge(f"request body exceeds the limit of {limit} bytes")
+            if received > reserved:
+                if not state.inflight.take(received - reserved):
+                    raise Overloaded(
+                        f"{state.inflight.used} request bytes are being received; try again "
+                        "shortly",
+                        retry_after=1,
+                    )
+                reserved = received
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), state.body_timeout_s)
+    except asyncio.TimeoutError:
+        state.inflight.give(reserved)
+        raise DeadlineExceeded(
+            f"the request body did not arrive within {state.body_timeout_s:g} s "
+            f"({received} bytes received)"
+        ) from None
+    except BaseException:
+        state.inflight.give(reserved)
+        raise
+    return ReceivedBody(b"".join(chunks), reserved)
 
 
 def parse_reward_request(body: bytes, max_items: int) -> RewardRequest:
@@ -197,8 +284,18 @@ def build_router(state: AppState) -> APIRouter:
     @router.post("/v1/rewards", dependencies=guarded)
     async def rewards(request: Request) -> Response:
         service = state.require_service()
-        body = await _read_body(request, state.max_bytes)
-        reward_request = parse_reward_request(body, state.max_items)
+        _refuse_early(request, state)
+        try:
+            body = await _read_body(request, state)
+        except ClientDisconnect:
+            return Response(status_code=499)  # the client hung up mid-upload: not our error
+        try:
+            # Off the event loop: a big body must not stall the probes and other requests.
+            reward_request = await asyncio.to_thread(
+                parse_reward_request, body.data, state.max_items
+            )
+        finally:
+            state.inflight.give(body.reserved)
         try:
             result = await _unless_disconnected(service.rewards(reward_request), request.receive)
         except ServiceError as exc:
@@ -227,6 +324,8 @@ def build_router(state: AppState) -> APIRouter:
         """Readiness, for load balancers and probes (which carry no API key): the model is
         loaded and the scheduler runs; 503 while loading, draining or failed."""
         state.require_service()
+        if state.draining:
+            raise NotReady("the server is shutting down")
         if not state.batcher_alive():
             raise NotReady("the batcher is not running")
         return Response(b'{"status":"ready"}', media_type=JSON)
@@ -236,6 +335,21 @@ def build_router(state: AppState) -> APIRouter:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def _refuse_early(request: Request, state: AppState) -> None:
+    """While the queue is full, refuse a body whose size says it cannot fit, before reading or
+    parsing it: under overload a refusal must cost next to nothing."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        return
+    free = state.queue_free()
+    least = max(0, int(declared) - 256) // MIN_BYTES_PER_TOKEN
+    if least > free:
+        raise Overloaded(
+            f"queue full (room for {free} tokens; this body holds at least {least})",
+            retry_after=state.retry_after(least),
+        )
 
 
 async def _unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:

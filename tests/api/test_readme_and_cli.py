@@ -166,3 +166,47 @@ def test_the_readme_lists_every_metric_the_service_exports() -> None:
     )
     assert not missing, f"metrics not in the README: {missing}"
     assert "`process_*`" in section
+
+
+def _readme_default(text: str) -> object:
+    """A default as the README's settings table writes it, as Settings holds it."""
+    text = text.strip().strip("`")
+    if text.startswith("none") or text.startswith("the ") or text.startswith("from "):
+        return "<unset>"
+    if text.endswith(" MiB"):
+        return int(text.removesuffix(" MiB")) * 1024 * 1024
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text.replace(",", ""))
+        except ValueError:
+            pass
+    return text
+
+
+def test_the_readme_settings_table_states_the_real_defaults() -> None:
+    """Every row's defaults equal Settings' (before, the table said the default model was a
+    random tiny RM)."""
+    table = README.read_text().split("| flag | default | what it trades |")[1].split("\n\n")[0]
+    rows = [line.split("|")[1:3] for line in table.strip().splitlines()[1:]]
+    parser_flags = {
+        "--" + str((f.json_schema_extra or {}).get("flag", n.replace("_", "-"))): n  # type: ignore[union-attr]
+        for n, f in Settings.model_fields.items()
+    }
+    seen = set()
+    for flags, defaults in rows:
+        names = [f.strip().strip("`") for f in flags.split(" / ")]
+        values = defaults.split(" / ") if len(names) > 1 else [defaults]
+        assert len(values) == len(names), flags
+        for flag, value in zip(names, values, strict=True):
+            field = parser_flags[flag]
+            seen.add(field)
+            actual = Settings.model_fields[field].get_default(call_default_factory=True)
+            expected = _readme_default(value)
+            if expected == "<unset>":
+                assert actual in (None, []), (flag, actual)
+            else:
+                assert actual == expected, (flag, actual, expected)
+    missing = {"model", "host", "port", "api_keys", "max_batch_tokens"} - seen
+    assert not missing

@@ -235,7 +235,7 @@ def test_probes_and_graceful_termination() -> None:
     # to the request timeout, all inside the grace period.
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    drain = Settings().request_timeout_s
+    drain = Settings().shutdown_delay_s + Settings().request_timeout_s
     assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + drain
 
 

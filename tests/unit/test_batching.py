@@ -406,3 +406,28 @@ def test_a_dead_scheduler_fails_the_batch_in_flight_at_once_and_says_so() -> Non
         await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_retry_after_is_the_time_until_the_request_fits() -> None:
+    """Before: the time to drain the whole queue plus the request (capped at 60 s), so
+    clients that obeyed it left the device idle. Checked against the measured drain."""
+
+    async def main() -> None:
+        engine = RecordingEngine(delay_s=0.1)  # 100-token batches: 1,000 tokens/s
+        batcher = await started(
+            engine, max_queued_tokens=4000, max_batch_tokens=100, max_batch_size=1, max_wait_s=0
+        )
+        fill = asyncio.ensure_future(batcher.submit([seq(100)] * 40, timeout_s=60))
+        await until(lambda: len(engine.batches) >= 2)  # a rate has been seen
+        with pytest.raises(Overloaded) as info:
+            await batcher.submit([seq(100)] * 30, timeout_s=60)
+        estimate = info.value.retry_after
+        started_at = time.monotonic()
+        await until(lambda: batcher.free_tokens >= 3000, timeout_s=20)  # it would fit now
+        measured = time.monotonic() - started_at
+        assert 0.5 * measured <= estimate <= 1.5 * measured + 1.0, (estimate, measured)
+        fill.cancel()
+        await asyncio.gather(fill, return_exceptions=True)
+        await batcher.stop()
+
+    asyncio.run(main())

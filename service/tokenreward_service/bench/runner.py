@@ -336,7 +336,7 @@ def spawn_server(
     """
     port = _free_port()
     cmd = [sys.executable, "-m", "tokenreward_service.cli", "serve", "--port", str(port)]
-    cmd += ["--log-level", "warning", *args]
+    cmd += ["--log-level", "warning", "--shutdown-delay-s", "0", *args]  # args may override
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with tempfile.TemporaryFile() as log:
