@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -97,11 +97,17 @@ def create_app(
     model: RewardModel | None = None,
     registry: CollectorRegistry | None = None,
     preparer: Preparer | None = None,
+    on_load_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """Build the app. ``model`` is served as loaded (the loading settings, such as ``model``,
     ``device`` or ``max_length``, are then unused); ``preparer`` likewise (the chat template
     and policy tokenizer settings are then unused); ``registry`` receives the metrics (a fresh
-    one by default, never the process-global one)."""
+    one by default, never the process-global one).
+
+    Without ``model`` the model loads in the background after the server starts listening, so
+    that probes get answers while a large model loads (``/healthz`` 200, ``/readyz`` 503); a
+    failure is reported to ``on_load_failure`` (the CLI exits 1) and by ``/readyz``.
+    """
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     state = AppState(
         metrics=metrics,
@@ -111,9 +117,9 @@ def create_app(
         body_timeout_s=settings.body_timeout_s,
         max_inflight_bytes=settings.max_inflight_bytes,
     )
+    batchers: list[Batcher] = []
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def start() -> None:
         reward_model = model if model is not None else await asyncio.to_thread(load_model, settings)
         items = preparer or await asyncio.to_thread(load_preparer, settings, reward_model)
         metrics.set_model(reward_model.spec)
@@ -133,6 +139,7 @@ def create_app(
             on_queue=metrics.observe_queue,
         )
         await batcher.start()
+        batchers.append(batcher)
         metrics.batch_budget.set_function(lambda: batcher.batch_token_budget)
         metrics.scheduler_up.set_function(lambda: 0.0 if batcher.failed else 1.0)
         state.batcher_alive = lambda: batcher.alive
@@ -148,11 +155,33 @@ def create_app(
             observer=metrics,
         )
         state.ready = True
+
+    def loaded(task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        assert error is not None
+        state.load_error = str(error)
+        log.error("the model could not be loaded: %s", error)
+        if on_load_failure is not None:
+            on_load_failure(error)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading: asyncio.Task[None] | None = None
+        if model is not None:
+            await start()  # already in memory: ready before the listener opens
+        else:
+            loading = asyncio.create_task(start(), name="tokenreward-load")
+            loading.add_done_callback(loaded)
         try:
             yield
         finally:
             state.ready = False  # draining: /readyz answers 503 while queued work finishes
-            await batcher.stop()
+            if loading is not None and not loading.done():
+                loading.cancel()
+            for batcher in batchers:
+                await batcher.stop()
 
     app = FastAPI(
         title="tokenreward",

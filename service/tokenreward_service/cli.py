@@ -164,9 +164,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _serve(overrides: dict[str, Any]) -> int:
     from pydantic import ValidationError
 
-    from tokenreward_service.app import create_app, load_model, load_preparer
+    from tokenreward_service.app import create_app
     from tokenreward_service.config import Settings
-    from tokenreward_service.errors import ModelLoadError
 
     try:
         settings = Settings(**overrides)
@@ -184,19 +183,21 @@ def _serve(overrides: dict[str, Any]) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    # Load before uvicorn starts: a model that cannot be served is a one-line error and exit 1,
-    # not a traceback from inside the ASGI lifespan.
-    try:
-        model = load_model(settings)
-        preparer = load_preparer(settings, model)
-    except ModelLoadError as exc:
-        print(f"tokenreward: cannot serve the model: {exc}", file=sys.stderr)
-        return 1
+    # The listener opens first and the model loads behind it, so probes get answers (503 from
+    # /readyz) while a large model loads; a model that cannot be served is a one-line error
+    # and exit 1, not a traceback.
     from tokenreward_service.server import build_server
 
-    server = build_server(settings, create_app(settings, model=model, preparer=preparer))
+    failures: list[BaseException] = []
+
+    def failed(error: BaseException) -> None:
+        failures.append(error)
+        print(f"tokenreward: cannot serve the model: {error}", file=sys.stderr)
+        server.should_exit = True
+
+    server = build_server(settings, create_app(settings, on_load_failure=failed))
     server.run()
-    return 0 if server.started else 1
+    return 1 if failures or not server.started else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,6 +88,8 @@ class AppState:
         self.inflight = InflightBytes(max_inflight_bytes)
         self.service: RewardService | None = None
         self.ready = False
+        self.load_error: str | None = None
+        """Why the model could not be loaded, if it could not."""
         self.draining = False
         """SIGTERM arrived: /readyz answers 503 while queued and arriving work is still served."""
         self.queue_free: Callable[[], int] = lambda: 1 << 62
@@ -99,6 +101,8 @@ class AppState:
         self.batcher_budget: Callable[[], int] = lambda: 0
 
     def require_service(self) -> RewardService:
+        if self.load_error is not None:
+            raise NotReady(f"the model could not be loaded: {self.load_error}")
         if self.service is None or not self.ready:
             raise NotReady("the model is not loaded yet, or the server is shutting down")
         return self.service
@@ -196,6 +200,9 @@ async def _read_body(request: Request, state: AppState) -> ReceivedBody:
     once the body is parsed.
     """
     limit = state.max_bytes
+    if "transfer-encoding" in request.headers and "content-length" in request.headers:
+        # Two framings for one body: the classic request-smuggling shape. Refused outright.
+        raise InvalidRequest("a request may not carry both Content-Length and Transfer-Encoding")
     declared = request.headers.get("content-length")
     size = int(declared) if declared is not None and declared.isdigit() else None
     if size is not None and size > limit:

@@ -194,6 +194,26 @@ def test_sigterm_fails_readiness_first_serves_on_then_exits_0(tmp_path: object) 
         assert server.process.wait(30) == 0
 
 
+def test_a_stalled_upload_cannot_hold_the_shutdown_for_the_request_timeout() -> None:
+    """Before: one stalled upload held the exit for the whole request timeout (120 s)."""
+    args = ["--shutdown-delay-s", "0", "--body-timeout-s", "2", "--request-timeout-s", "120"]
+    with spawn_server(args) as server, connect(server.url) as sock:
+        sock.sendall(head("/v1/rewards", 10_000) + b'{"items": [')
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - started < 10
+
+
+def test_two_framings_for_one_body_are_refused() -> None:
+    """Before: Content-Length together with chunked encoding was accepted."""
+    with spawn_server([]) as server, connect(server.url) as sock:
+        sock.sendall(head("/v1/rewards", 5, "Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status == 422
+    assert "Transfer-Encoding" in orjson.loads(body)["error"]["message"]
+
+
 def test_a_short_api_key_is_refused_without_printing_the_keys() -> None:
     secret = "the-real-secret-key-0123"
     proc = subprocess.run(
@@ -223,3 +243,39 @@ def test_the_default_bind_is_this_machine_only() -> None:
 
     assert Settings().host == "127.0.0.1"
     assert build_server(Settings(), create_app(Settings())).config.host == "127.0.0.1"
+
+
+def test_the_listener_answers_while_the_model_loads(
+    llama: RewardModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the model loaded before the listener bound, so a start-up probe saw connection
+    refused for as long as a large model took to load."""
+    import tokenreward_service.app as app_module
+
+    gate = threading.Event()
+
+    def slow_load(settings: Settings) -> RewardModel:
+        assert gate.wait(30)
+        return llama
+
+    monkeypatch.setattr(app_module, "load_model", slow_load)
+    with LiveServer(Settings()) as server:  # no model given: it loads behind the listener
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        loading = httpx.get(f"{server.url}/readyz")
+        assert loading.status_code == 503
+        assert "not loaded yet" in loading.json()["error"]["message"]
+        gate.set()
+        poll(lambda: httpx.get(f"{server.url}/readyz").status_code == 200)
+
+
+def test_a_model_that_fails_to_load_says_why_on_readyz(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tokenreward_service.app as app_module
+    from tokenreward_service.errors import ModelLoadError
+
+    def broken(settings: Settings) -> RewardModel:
+        raise ModelLoadError("no linear 'score' head")
+
+    monkeypatch.setattr(app_module, "load_model", broken)
+    with LiveServer(Settings()) as server:
+        poll(lambda: "score" in httpx.get(f"{server.url}/readyz").text)
+        assert httpx.get(f"{server.url}/readyz").status_code == 503

@@ -77,3 +77,27 @@ def test_served_rewards_equal_per_prefix_reference(
     assert worst <= TOLERANCE, f"{architecture}: max abs error {worst:.3g}"
     # The rewards must not be trivially equal: a model that scores everything alike would pass.
     assert len({round(r, 4) for res in data["results"] for r in res["token_rewards"]}) > 20
+
+
+def test_a_response_that_ends_with_the_suffix_gets_no_second_copy(
+    model_dir: Callable[..., Path],
+) -> None:
+    """The policy generated the EOS the RM is read at: it is read once, as the reference
+    reads the sequence, not followed by another."""
+    folder = model_dir("llama", seed=0)
+    model = load_reward_model(folder, device="cpu", dtype="float32", suffix_ids=(2,))
+    prompt, response = [1, 9, 10], [11, 12, 13]
+    body = {
+        "items": [
+            {"prompt_ids": prompt, "response_ids": response},
+            {"prompt_ids": prompt, "response_ids": [*response, 2]},
+        ]
+    }
+    with LiveServer(Settings(), model=model) as server:
+        plain, ended = httpx.post(f"{server.url}/v1/rewards", json=body).json()["results"]
+    once = reference_prefix_scores(folder, [*prompt, *response, 2])
+    twice = reference_prefix_scores(folder, [*prompt, *response, 2, 2])
+    assert ended["score"] == pytest.approx(once[-1], abs=TOLERANCE)
+    assert plain["score"] == pytest.approx(once[-1], abs=TOLERANCE)
+    assert abs(twice[-1] - once[-1]) > 1e-3  # a second copy would have shown
+    assert len(ended["token_rewards"]) == len(response) + 1
