@@ -55,6 +55,18 @@ class _Rendered:
     offset: int
 
 
+@dataclass(frozen=True)
+class _Conversation:
+    """A rendered conversation as RM tokens: ``ids[:prompt_len]`` come before the response,
+    the next ``count`` are the response's, the rest are the template's suffix. ``ends`` are
+    each token's byte end, counted from the start of the response text as given."""
+
+    ids: list[int]
+    ends: list[int]
+    prompt_len: int
+    count: int
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """A Hugging Face tokenizer from a local folder (no hub)."""
     from transformers import AutoTokenizer
@@ -157,21 +169,14 @@ class Preparer:
         rm = self._require_rm(index)
         response = item.response
         if item.messages is not None:
-            rendered = self._render(item.messages, response, index)
-            full = rendered.before + rendered.middle + rendered.after
-            ids, offsets = self._encode_with_offsets(rm, full)
-            ends = rm.byte_ends(full, ids, offsets)
-            start = len(rendered.before.encode())
-            stop = start + len(rendered.middle.encode())
-            prompt_len = sum(1 for e in ends if e <= start)
-            count = sum(1 for e in ends if start < e <= stop)
+            conversation = self._conversation(rm, item.messages, response, index)
+            prompt_len, count = conversation.prompt_len, conversation.count
             if count == 0:
                 raise InvalidRequest(
                     "the response text gives no tokens in the chat template", item=index
                 )
-            shift = len(response[: rendered.offset].encode()) - start
-            byte_spans = _spans_from_ends([e + shift for e in ends], prompt_len, count)
-            sequence = list(ids) + self._suffix_after(ids)
+            byte_spans = _spans_from_ends(conversation.ends, prompt_len, count)
+            sequence = conversation.ids + self._suffix_after(conversation.ids)
         else:
             assert item.prompt is not None
             prompt = self._encode(rm, item.prompt, special=True)
@@ -202,17 +207,10 @@ class Preparer:
         decoded = policy.decode(item.response_ids)
         text = decoded.text
         if item.messages is not None:
-            rendered = self._render(item.messages, text, index)
-            full = rendered.before + rendered.middle + rendered.after
-            ids, offsets = self._encode_with_offsets(rm, full)
-            ends = rm.byte_ends(full, ids, offsets)
-            start = len(rendered.before.encode())
-            stop = start + len(rendered.middle.encode())
-            prompt_len = sum(1 for e in ends if e <= start)
-            count = sum(1 for e in ends if start < e <= stop)
-            shift = len(text[: rendered.offset].encode()) - start
-            rm_ends = [e + shift for e in ends[prompt_len : prompt_len + count]]
-            sequence = list(ids) + self._suffix_after(ids)
+            conversation = self._conversation(rm, item.messages, text, index)
+            prompt_len, count = conversation.prompt_len, conversation.count
+            rm_ends = conversation.ends[prompt_len : prompt_len + count]
+            sequence = conversation.ids + self._suffix_after(conversation.ids)
         else:
             assert item.prompt_ids is not None
             self._check_vocab("prompt_ids", item.prompt_ids, policy.vocab_size, index, policy)
@@ -274,6 +272,26 @@ class Preparer:
     @staticmethod
     def _encode_with_offsets(rm: TokenText, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         return rm.encode(text)
+
+    def _conversation(
+        self, rm: TokenText, messages: Sequence[Message], response: str, index: int
+    ) -> _Conversation:
+        """The conversation rendered with ``response`` as its last turn, tokenized as one text
+        (as the RM reads it), and which of its tokens are the response's: those that end
+        inside the response's bytes. Token ends are given in bytes of ``response``."""
+        rendered = self._render(messages, response, index)
+        full = rendered.before + rendered.middle + rendered.after
+        ids, offsets = self._encode_with_offsets(rm, full)
+        ends = rm.byte_ends(full, ids, offsets)
+        start = len(rendered.before.encode())
+        stop = start + len(rendered.middle.encode())
+        shift = len(response[: rendered.offset].encode()) - start
+        return _Conversation(
+            ids=ids,
+            ends=[e + shift for e in ends],
+            prompt_len=sum(1 for e in ends if e <= start),
+            count=sum(1 for e in ends if start < e <= stop),
+        )
 
     def _render(self, messages: Sequence[Message], response: str, index: int) -> _Rendered:
         """Render the conversation with ``response`` as the last assistant turn and find it.

@@ -45,9 +45,12 @@ class Overloaded(ServiceError):
 
     type = ErrorType.OVERLOADED
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
+    def __init__(self, message: str, *, retry_after: int, close: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.close = close
+        """Refused before its body was read: close the connection rather than read and
+        discard the rest of the body (under a storm of refusals that is most of the cost)."""
 
 
 class DeadlineExceeded(ServiceError):

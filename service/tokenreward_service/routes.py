@@ -94,6 +94,8 @@ class AppState:
         """SIGTERM arrived: /readyz answers 503 while queued and arriving work is still served."""
         self.queue_free: Callable[[], int] = lambda: 1 << 62
         """Tokens the queue can still admit."""
+        self.queue_bound: Callable[[], int] = lambda: 1 << 62
+        """Tokens the queue holds at most (more in one request is 413, not 429)."""
         self.retry_after: Callable[[int], int] = lambda tokens: 1
         """Seconds until that many tokens likely fit."""
         self.batcher_alive: Callable[[], bool] = lambda: False
@@ -113,6 +115,8 @@ def error_response(error: ServiceError) -> Response:
     headers: dict[str, str] = {}
     if isinstance(error, Overloaded):
         headers["Retry-After"] = str(error.retry_after)
+        if error.close:
+            headers["Connection"] = "close"
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     return Response(
@@ -211,6 +215,7 @@ async def _read_body(request: Request, state: AppState) -> ReceivedBody:
         raise Overloaded(
             f"{state.inflight.used} request bytes are being received; try again shortly",
             retry_after=1,
+            close=True,
         )
     reserved = size or 0
     chunks: list[bytes] = []
@@ -246,18 +251,24 @@ async def _read_body(request: Request, state: AppState) -> ReceivedBody:
     return ReceivedBody(b"".join(chunks), reserved)
 
 
-def parse_reward_request(body: bytes, max_items: int) -> RewardRequest:
-    """Bytes to a validated request; the error names the first offending item."""
+def parse_reward_request(
+    body: bytes, max_items: int, admit: Callable[[int], None] | None = None
+) -> RewardRequest:
+    """Bytes to a validated request; the error names the first offending item.
+
+    ``admit`` is shown the request's token IDs count right after the JSON is decoded, before
+    the (costlier) validation, and may refuse it: a request that cannot fit in the queue is
+    refused for the price of a JSON decode.
+    """
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc}") from None
-    if (
-        isinstance(raw, dict)
-        and isinstance(raw.get("items"), list)
-        and len(raw["items"]) > max_items
-    ):
-        raise TooLarge(f"{len(raw['items'])} items in one request; the limit is {max_items}")
+    items = raw.get("items") if isinstance(raw, dict) else None
+    if isinstance(items, list) and len(items) > max_items:
+        raise TooLarge(f"{len(items)} items in one request; the limit is {max_items}")
+    if admit is not None and isinstance(items, list):
+        admit(_id_count(items))
     try:
         return RewardRequest.model_validate(raw)
     except ValidationError as exc:
@@ -266,6 +277,18 @@ def parse_reward_request(body: bytes, max_items: int) -> RewardRequest:
         item = loc[1] if len(loc) >= 2 and loc[0] == "items" and isinstance(loc[1], int) else None
         where = ".".join(str(part) for part in loc) or "body"
         raise InvalidRequest(f"{where}: {first['msg']}", item=item) from None
+
+
+def _id_count(items: list[Any]) -> int:
+    """Token IDs a decoded request carries (a lower bound of its tokens: text counts 0)."""
+    count = 0
+    for item in items:
+        if isinstance(item, dict):
+            for key in ("prompt_ids", "response_ids"):
+                ids = item.get(key)
+                if isinstance(ids, list):
+                    count += len(ids)
+    return count
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -288,6 +311,14 @@ def build_router(state: AppState) -> APIRouter:
     guarded = [Depends(require_key)]
     router = APIRouter()
 
+    def admit(tokens: int) -> None:
+        free = state.queue_free()
+        if tokens > free and tokens <= state.queue_bound():
+            raise Overloaded(
+                f"queue full (room for {free} tokens; the request holds {tokens})",
+                retry_after=state.retry_after(tokens),
+            )
+
     @router.post("/v1/rewards", dependencies=guarded)
     async def rewards(request: Request) -> Response:
         service = state.require_service()
@@ -299,7 +330,7 @@ def build_router(state: AppState) -> APIRouter:
         try:
             # Off the event loop: a big body must not stall the probes and other requests.
             reward_request = await asyncio.to_thread(
-                parse_reward_request, body.data, state.max_items
+                parse_reward_request, body.data, state.max_items, admit
             )
         finally:
             state.inflight.give(body.reserved)
@@ -356,6 +387,7 @@ def _refuse_early(request: Request, state: AppState) -> None:
         raise Overloaded(
             f"queue full (room for {free} tokens; this body holds at least {least})",
             retry_after=state.retry_after(least),
+            close=True,
         )
 
 

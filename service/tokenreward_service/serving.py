@@ -99,11 +99,8 @@ class RewardService:
                 )
 
     async def rewards(self, request: RewardRequest) -> RewardResponse:
-        needs_tokenizer = request.policy_tokenizer is not None or request.step_separator is not None
-        if needs_tokenizer or any(item.is_text for item in request.items):
-            items = await asyncio.to_thread(self.preparer.prepare, request)
-        else:
-            items = self.preparer.prepare(request)
+        # Off the event loop whatever the form: a large request must not hold up the others.
+        items = await asyncio.to_thread(self.preparer.prepare, request)
         self.check(request, items)
         jobs = [Job(item.sequence, item.prompt_len) for item in items]
         try:

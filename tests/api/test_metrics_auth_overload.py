@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,23 @@ class GatedModel:
         self.spec = model.spec
         self.gate = threading.Event()
         self.seen: list[int] = []  # lengths of the sequences that reached the model
+        self.entered = 0  # forward passes begun (held at the gate or not)
 
     def score_batch(
         self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
     ) -> BatchScores:
+        self.entered += 1
         assert self.gate.wait(30)
         self.seen.extend(len(s) for s in sequences)
         return self.model.score_batch(sequences, prompt_lens)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    """Poll the server state a test waits for (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the state waited for never came"
+        await asyncio.sleep(0.005)
 
 
 def test_overload_answers_429_with_retry_after_and_recovers(llama: RewardModel) -> None:
@@ -135,7 +146,9 @@ def test_overload_answers_429_with_retry_after_and_recovers(llama: RewardModel) 
                 first = asyncio.ensure_future(
                     client.post("/v1/rewards", json={"items": [item, item]})
                 )
-                await asyncio.sleep(0.3)  # one item in the (held) forward pass, one queued
+                state = server.app.state.tokenreward
+                # One item in the (held) forward pass, one queued: 60 tokens left.
+                await until(lambda: gated.entered == 1 and state.queue_free() == 60)
                 refused = await client.post("/v1/rewards", json={"items": [item, item]})
                 assert refused.status_code == 429
                 assert refused.json()["error"]["type"] == "overloaded"
@@ -198,14 +211,15 @@ def test_a_vanished_client_s_queued_items_never_run(llama: RewardModel) -> None:
                         "/v1/rewards", json={"items": [{"prompt_ids": [1], "response_ids": [3]}]}
                     )
                 )
-                await asyncio.sleep(0.2)  # its item is in the held forward pass
+                await until(lambda: gated.entered == 1)  # its item is in the held forward pass
                 async with httpx.AsyncClient(base_url=server.url, timeout=0.3) as impatient:
                     body = {
                         "items": [{"prompt_ids": [1] * 7, "response_ids": [3] * 7}]
                     }  # 14 tokens
                     with pytest.raises(httpx.ReadTimeout):
                         await impatient.post("/v1/rewards", json=body)  # then hangs up
-                await asyncio.sleep(0.2)
+                state = server.app.state.tokenreward
+                await until(lambda: state.queue_free() == settings.max_queued_tokens)  # dropped
                 gated.gate.set()
                 assert (await busy).status_code == 200
                 ok = await client.post(

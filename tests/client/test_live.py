@@ -174,7 +174,11 @@ def test_an_overloaded_server_is_waited_out(llama: RewardModel) -> None:
             )
         )
         blocker.start()
-        time.sleep(0.3)  # one item in the held forward pass, one queued: 60 tokens left
+        state = server.app.state.tokenreward
+        deadline = time.monotonic() + 15
+        while state.queue_free() != 60:  # one item in the held forward pass, one queued
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         statuses: list[float] = []
 
         def sleep(seconds: float) -> None:
