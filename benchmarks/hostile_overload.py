@@ -35,9 +35,9 @@ Figures of each phase, over the same window:
 - ``/healthz`` as a probe sees it: a fresh connection every 50 ms from this process;
 - each client group: latency of 200s (the admitted attempt; for polite clients also from the
   first attempt, waiting included), 429 count and how fast a 429 came back, split by where the
-  server refused: ``early`` (before reading the body, ``_refuse_early``), ``inflight`` (the
-  in-flight bytes bound) or ``after_parse`` (the body read and parsed, then refused by the
-  queue);
+  server refused: ``early`` (from the request head alone, ``AdmissionMiddleware``),
+  ``inflight`` (the in-flight bytes bound) or ``after_parse`` (the body read and parsed, then
+  refused by the queue);
 - CPU seconds of the server (its event-loop thread apart from the rest), of each client
   group, of this process and of the rest of the machine, so that contention on the shared
   cores can be judged;

@@ -22,6 +22,7 @@ from tokenreward_service.loading import load_reward_model
 from tokenreward_service.metrics import Metrics
 from tokenreward_service.model import RewardModel
 from tokenreward_service.routes import (
+    AdmissionMiddleware,
     AppState,
     MetricsMiddleware,
     build_router,
@@ -117,6 +118,7 @@ def create_app(
         max_bytes=settings.max_request_bytes,
         body_timeout_s=settings.body_timeout_s,
         max_inflight_bytes=settings.max_inflight_bytes,
+        refusal_delay_s=settings.refusal_delay_s,
     )
     batchers: list[Batcher] = []
 
@@ -197,7 +199,8 @@ def create_app(
         openapi_url=None,
     )
     app.include_router(build_router(state))
-    install_error_handlers(app)
+    install_error_handlers(app, refusal_delay_s=settings.refusal_delay_s)
+    app.add_middleware(AdmissionMiddleware, state=state)  # inside the metrics: refusals count
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.tokenreward = state
     return app

@@ -195,6 +195,10 @@ def _serve(overrides: dict[str, Any]) -> int:
         print(f"tokenreward: cannot serve the model: {error}", file=sys.stderr)
         server.should_exit = True
 
+    # The forward pass runs on its own thread; its many small torch calls each take the GIL
+    # back. With the default 5 ms switch interval a busy event loop (a storm of refusals)
+    # makes it wait up to 5 ms each time; 1 ms keeps the model fed.
+    sys.setswitchinterval(0.001)
     server = build_server(settings, create_app(settings, on_load_failure=failed))
     server.run()
     return 1 if failures or not server.started else 0

@@ -155,6 +155,14 @@ class Settings(BaseSettings):
         "requests; a body that would pass it is refused with 429 before it is read. Bounds "
         "the memory that uploads can take before admission control sees a token.",
     )
+    refusal_delay_s: float = Field(
+        default=0.25,
+        ge=0.0,
+        description="A 429 is sent after this pause (the event loop waits, it does not work). "
+        "Clients that ignore Retry-After and retry at once are then slowed to a few refusals "
+        "a second per connection, instead of taking the CPU the model needs; polite clients "
+        "wait Retry-After (at least 1 s) anyway.",
+    )
     shutdown_delay_s: float = Field(
         default=5.0,
         ge=0.0,

@@ -37,7 +37,13 @@ from tokenreward_service.errors import (
 from tokenreward_service.metrics import Metrics
 from tokenreward_service.serving import RewardService
 
-__all__ = ["AppState", "MetricsMiddleware", "build_router", "install_error_handlers"]
+__all__ = [
+    "AdmissionMiddleware",
+    "AppState",
+    "MetricsMiddleware",
+    "build_router",
+    "install_error_handlers",
+]
 
 JSON = "application/json"
 ROUTES = ("/v1/rewards", "/v1/model", "/healthz", "/readyz", "/metrics")
@@ -79,6 +85,7 @@ class AppState:
         max_bytes: int,
         body_timeout_s: float = 30.0,
         max_inflight_bytes: int = 256 * 1024 * 1024,
+        refusal_delay_s: float = 0.0,
     ) -> None:
         self.metrics = metrics
         self.api_keys = [key.encode() for key in api_keys]
@@ -86,6 +93,7 @@ class AppState:
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
         self.inflight = InflightBytes(max_inflight_bytes)
+        self.refusal_delay_s = refusal_delay_s
         self.service: RewardService | None = None
         self.ready = False
         self.load_error: str | None = None
@@ -127,11 +135,14 @@ def error_response(error: ServiceError) -> Response:
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """One handler per domain base class, plus Starlette's own 404/405 and the last resort."""
+def install_error_handlers(app: FastAPI, refusal_delay_s: float = 0.0) -> None:
+    """One handler per domain base class, plus Starlette's own 404/405 and the last resort.
+    A 429 is answered after ``refusal_delay_s`` (see :class:`AdmissionMiddleware`)."""
 
     async def on_service_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
+        if isinstance(exc, Overloaded) and refusal_delay_s > 0:
+            await asyncio.sleep(refusal_delay_s)
         return error_response(exc)
 
     async def on_http_error(_: Request, exc: Exception) -> Response:
@@ -148,6 +159,67 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+class AdmissionMiddleware:
+    """Refuses ``POST /v1/rewards`` from its head alone while the queue is full, before any
+    routing, validation or body reading: under a storm of clients that ignore Retry-After a
+    refusal must cost next to nothing, or answering them starves the model.
+
+    Only an authorised request is refused here (others go on to get their 401), and only when
+    its ``Content-Length`` says it cannot fit: it holds at least one token per
+    :data:`MIN_BYTES_PER_TOKEN` bytes. The connection is closed rather than the unread body
+    discarded.
+    """
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] != "/v1/rewards"
+            or not self.state.ready
+        ):
+            await self.app(scope, receive, send)
+            return
+        length = None
+        authorization = b""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+            elif name == b"authorization":
+                authorization = value
+        if length is None or not length.isdigit() or not self._authorised(authorization):
+            await self.app(scope, receive, send)
+            return
+        least = max(0, int(length) - 256) // MIN_BYTES_PER_TOKEN
+        free = self.state.queue_free()
+        if least <= free or least > self.state.queue_bound():
+            await self.app(scope, receive, send)
+            return
+        error = Overloaded(
+            f"queue full (room for {free} tokens; this body holds at least {least})",
+            retry_after=self.state.retry_after(least),
+            close=True,
+        )
+        # A pause that costs nothing: a client that retries at once is slowed to a few
+        # refusals a second per connection instead of taking the model's CPU.
+        if self.state.refusal_delay_s > 0:
+            await asyncio.sleep(self.state.refusal_delay_s)
+        # Counted by the metrics middleware (requests and errors); its items are not known.
+        await error_response(error)(scope, receive, send)
+
+    def _authorised(self, header: bytes) -> bool:
+        if not self.state.api_keys:
+            return True
+        scheme, _, token = header.partition(b" ")
+        given = token.strip()
+        return scheme.lower() == b"bearer" and any(
+            hmac.compare_digest(given, key) for key in self.state.api_keys
+        )
 
 
 class MetricsMiddleware:
@@ -322,7 +394,6 @@ def build_router(state: AppState) -> APIRouter:
     @router.post("/v1/rewards", dependencies=guarded)
     async def rewards(request: Request) -> Response:
         service = state.require_service()
-        _refuse_early(request, state)
         try:
             body = await _read_body(request, state)
         except ClientDisconnect:
@@ -373,22 +444,6 @@ def build_router(state: AppState) -> APIRouter:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-def _refuse_early(request: Request, state: AppState) -> None:
-    """While the queue is full, refuse a body whose size says it cannot fit, before reading or
-    parsing it: under overload a refusal must cost next to nothing."""
-    declared = request.headers.get("content-length")
-    if declared is None or not declared.isdigit():
-        return
-    free = state.queue_free()
-    least = max(0, int(declared) - 256) // MIN_BYTES_PER_TOKEN
-    if least > free:
-        raise Overloaded(
-            f"queue full (room for {free} tokens; this body holds at least {least})",
-            retry_after=state.retry_after(least),
-            close=True,
-        )
 
 
 async def _unless_disconnected(work: Awaitable[Any], receive: Receive) -> Any:

@@ -153,7 +153,8 @@ def test_while_the_queue_is_full_a_big_body_is_refused_before_it_is_read(
         poll(lambda: state.queue_free() == 100)  # one item held in the forward pass, one queued
         try:
             with connect(server.url) as sock:
-                sock.sendall(head("/v1/rewards", 500_000))  # the head only
+                # The head only, of a body that holds at least 171 tokens: more than the 100 free.
+                sock.sendall(head("/v1/rewards", 3000))
                 status, headers, body = read_response(sock)
             assert status == 429
             assert "queue full" in orjson.loads(body)["error"]["message"]
