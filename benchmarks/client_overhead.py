@@ -47,13 +47,13 @@ def main() -> None:
                 "model": {"id": "m", "revision": "sha256:" + "0" * 64},
                 "results": [
                     {
-                        "id": None,
+                        "id": chunk.ids[i],  # the server echoes the ids the client sent
                         "token_rewards": [rng.gauss(0, 1) for _ in range(args.response)],
                         "score": rng.gauss(0, 1),
                         "prompt_score": rng.gauss(0, 1),
                         "prefix_scores": None,
                     }
-                    for _ in range(args.items)
+                    for i in range(args.items)
                 ],
             }
         )

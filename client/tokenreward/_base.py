@@ -428,10 +428,9 @@ def _check_results(results: Sequence[RewardResult], chunk: Chunk) -> str | None:
                 f"returned {len(result.token_rewards)} token rewards for item {sent!r} of "
                 f"{expected} response tokens"
             )
-        values = [result.score, *result.token_rewards]
-        if result.prompt_score is not None:
-            values.append(result.prompt_score)
-        if not all(math.isfinite(v) for v in values):
+        # One C-speed sum per result: NaN and infinities propagate into it.
+        total = sum(result.token_rewards, result.score + (result.prompt_score or 0.0))
+        if not math.isfinite(total):
             return f"returned a non-finite reward or score for item {sent!r}"
     return None
 
