@@ -280,3 +280,30 @@ def test_a_model_that_fails_to_load_says_why_on_readyz(monkeypatch: pytest.Monke
     with LiveServer(Settings()) as server:
         poll(lambda: "score" in httpx.get(f"{server.url}/readyz").text)
         assert httpx.get(f"{server.url}/readyz").status_code == 503
+
+
+def test_a_load_generator_waits_for_a_loading_server(
+    llama: RewardModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tokenreward bench --url` started beside a server that is still loading its model (as
+    the compose stack's load generator is) waits for readiness instead of failing."""
+    import tokenreward_service.app as app_module
+    from tokenreward_service.bench import _model_info_when_ready
+
+    gate = threading.Event()
+
+    def slow_load(settings: Settings) -> RewardModel:
+        assert gate.wait(30)
+        return llama
+
+    monkeypatch.setattr(app_module, "load_model", slow_load)
+    with LiveServer(Settings()) as server:
+        found: list[dict[str, object]] = []
+        waiter = threading.Thread(
+            target=lambda: found.append(_model_info_when_ready(server.url, None, timeout_s=60))
+        )
+        waiter.start()
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
+        gate.set()
+        waiter.join(60)
+    assert found[0]["vocab_size"] == llama.spec.vocab_size

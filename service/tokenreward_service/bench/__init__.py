@@ -83,6 +83,34 @@ def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _model_info_when_ready(
+    url: str, api_key: str | None, timeout_s: float = 600.0
+) -> dict[str, Any]:
+    """``GET /v1/model`` once ``/readyz`` answers 200: a server opens its listener before its
+    model is loaded, and a load generator started with it must wait, not fail."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} was not ready within {timeout_s:g} s")
+        if not waited:
+            _log(f"waiting for {url} to be ready")
+            waited = True
+        time.sleep(1.0)
+    response = httpx.get(f"{url}/v1/model", headers=headers, timeout=30)
+    response.raise_for_status()
+    info: dict[str, Any] = response.json()
+    return info
+
+
 def _service(url: str, workload: Workload, runs: int, api_key: str | None = None) -> dict[str, Any]:
     return _median([run_service(url, workload, api_key=api_key) for _ in range(runs)])
 
@@ -119,13 +147,7 @@ def main_bench(
         "workloads": {},
     }
     if url is not None:
-        info = (
-            __import__("httpx")
-            .get(
-                f"{url}/v1/model", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
-            )
-            .json()
-        )
+        info = _model_info_when_ready(url, api_key)
         for name in workloads:
             workload = make_workload(name, vocab_size=int(info["vocab_size"]), scale=scale)
             _log(f"{name}: {len(workload.items)} items, {workload.tokens} tokens against {url}")
