@@ -63,8 +63,8 @@ class Chunk:
     """The id each result must carry: the caller's, or one the client gave the item."""
     lengths: tuple[int | None, ...] = ()
     """Rewards each result must have (the response's token IDs), where the client knows it."""
-    own_ids: bool = False
-    """Whether some ids are the client's own, to be taken off the results again."""
+    own_ids: tuple[bool, ...] = ()
+    """Per item, whether its id is the client's own, to be taken off its result again."""
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ class BaseRewardClient:
             lengths=tuple(
                 len(item.response_ids) if item.response_ids is not None else None for item in sent
             ),
-            own_ids=any(items[i].id is None for i in span),
+            own_ids=tuple(items[i].id is None for i in span),
         )
 
     def new_call(self, count: int, timeout: float | None) -> CallState:
@@ -275,12 +275,10 @@ class BaseRewardClient:
             if problem is not None:
                 return _malformed(f"{url} {problem}", chunk)
             results = list(parsed.results)
-            if chunk.own_ids:
+            if any(chunk.own_ids):
                 results = [
-                    r.model_copy(update={"id": None})
-                    if r.id is not None and r.id.startswith("#")
-                    else r
-                    for r in results
+                    r.model_copy(update={"id": None}) if own else r
+                    for r, own in zip(results, chunk.own_ids, strict=True)
                 ]
             return Outcome(results=results, revision=parsed.model.revision)
         error = self.api_error(status, content, headers, chunk, url)

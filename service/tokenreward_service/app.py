@@ -119,6 +119,7 @@ def create_app(
         body_timeout_s=settings.body_timeout_s,
         max_inflight_bytes=settings.max_inflight_bytes,
         refusal_delay_s=settings.refusal_delay_s,
+        max_queued_tokens=settings.max_queued_tokens,
     )
     batchers: list[Batcher] = []
 
@@ -148,7 +149,6 @@ def create_app(
         state.batcher_alive = lambda: batcher.alive
         state.batcher_failed = lambda: batcher.failed
         state.queue_free = lambda: batcher.free_tokens
-        state.queue_bound = lambda: settings.max_queued_tokens
         state.retry_after = batcher.retry_after
         state.batcher_budget = lambda: batcher.batch_token_budget
         state.service = RewardService(

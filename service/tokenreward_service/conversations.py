@@ -149,8 +149,8 @@ class Preparer:
         if item.messages is not None:
             rendered = self._render(item.messages, _MARKER, index)
             rm = self._require_rm(index)
-            prompt = self._encode(rm, rendered.before)
-            after = self._encode(rm, rendered.after)
+            prompt = rm.encode(rendered.before)[0]
+            after = rm.encode(rendered.after)[0]
             sequence = [*prompt, *response, *_without_overlap(response, after)]
             sequence += self._suffix_after(sequence)
         else:
@@ -179,8 +179,8 @@ class Preparer:
             sequence = conversation.ids + self._suffix_after(conversation.ids)
         else:
             assert item.prompt is not None
-            prompt = self._encode(rm, item.prompt, special=True)
-            response_ids, offsets = self._encode_with_offsets(rm, response)
+            prompt = rm.encode(item.prompt, special=True)[0]
+            response_ids, offsets = rm.encode(response)
             if not response_ids:
                 raise InvalidRequest("the response text tokenizes to no tokens", item=index)
             ends = rm.byte_ends(response, response_ids, offsets)
@@ -217,8 +217,8 @@ class Preparer:
             prompt_text = policy.tokenizer.decode(
                 item.prompt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
             )
-            prompt = self._encode(rm, str(prompt_text), special=True)
-            response_ids, offsets = self._encode_with_offsets(rm, text)
+            prompt = rm.encode(str(prompt_text), special=True)[0]
+            response_ids, offsets = rm.encode(text)
             rm_ends = rm.byte_ends(text, response_ids, offsets)
             prompt_len = len(prompt)
             sequence = [*prompt, *response_ids, *self._suffix_after(response_ids)]
@@ -265,14 +265,6 @@ class Preparer:
                 item=index,
             )
 
-    @staticmethod
-    def _encode(rm: TokenText, text: str, *, special: bool = False) -> list[int]:
-        return rm.encode(text, special=special)[0]
-
-    @staticmethod
-    def _encode_with_offsets(rm: TokenText, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        return rm.encode(text)
-
     def _conversation(
         self, rm: TokenText, messages: Sequence[Message], response: str, index: int
     ) -> _Conversation:
@@ -281,7 +273,7 @@ class Preparer:
         inside the response's bytes. Token ends are given in bytes of ``response``."""
         rendered = self._render(messages, response, index)
         full = rendered.before + rendered.middle + rendered.after
-        ids, offsets = self._encode_with_offsets(rm, full)
+        ids, offsets = rm.encode(full)
         ends = rm.byte_ends(full, ids, offsets)
         start = len(rendered.before.encode())
         stop = start + len(rendered.middle.encode())

@@ -86,6 +86,7 @@ class AppState:
         body_timeout_s: float = 30.0,
         max_inflight_bytes: int = 256 * 1024 * 1024,
         refusal_delay_s: float = 0.0,
+        max_queued_tokens: int = 1 << 62,
     ) -> None:
         self.metrics = metrics
         self.api_keys = [key.encode() for key in api_keys]
@@ -102,13 +103,35 @@ class AppState:
         """SIGTERM arrived: /readyz answers 503 while queued and arriving work is still served."""
         self.queue_free: Callable[[], int] = lambda: 1 << 62
         """Tokens the queue can still admit."""
-        self.queue_bound: Callable[[], int] = lambda: 1 << 62
+        self.max_queued_tokens = max_queued_tokens
         """Tokens the queue holds at most (more in one request is 413, not 429)."""
         self.retry_after: Callable[[int], int] = lambda tokens: 1
         """Seconds until that many tokens likely fit."""
         self.batcher_alive: Callable[[], bool] = lambda: False
         self.batcher_failed: Callable[[], bool] = lambda: False
         self.batcher_budget: Callable[[], int] = lambda: 0
+
+    def authorised(self, header: bytes) -> bool:
+        """Whether an ``Authorization`` header value carries one of the keys (or none are set)."""
+        if not self.api_keys:
+            return True
+        scheme, _, token = header.partition(b" ")
+        given = token.strip()
+        return scheme.lower() == b"bearer" and any(
+            hmac.compare_digest(given, key) for key in self.api_keys
+        )
+
+    def queue_refusal(self, tokens: int, what: str, *, close: bool = False) -> Overloaded | None:
+        """The 429 for a request of at least ``tokens`` tokens while the queue cannot take it,
+        or None when it may go on (it fits, or could never fit: that is the batcher's 413)."""
+        free = self.queue_free()
+        if tokens <= free or tokens > self.max_queued_tokens:
+            return None
+        return Overloaded(
+            f"queue full (room for {free} tokens; {what} {tokens})",
+            retry_after=self.retry_after(tokens),
+            close=close,
+        )
 
     def require_service(self) -> RewardService:
         if self.load_error is not None:
@@ -192,34 +215,20 @@ class AdmissionMiddleware:
                 length = value
             elif name == b"authorization":
                 authorization = value
-        if length is None or not length.isdigit() or not self._authorised(authorization):
+        if length is None or not length.isdigit() or not self.state.authorised(authorization):
             await self.app(scope, receive, send)
             return
         least = max(0, int(length) - 256) // MIN_BYTES_PER_TOKEN
-        free = self.state.queue_free()
-        if least <= free or least > self.state.queue_bound():
+        error = self.state.queue_refusal(least, "this body holds at least", close=True)
+        if error is None:
             await self.app(scope, receive, send)
             return
-        error = Overloaded(
-            f"queue full (room for {free} tokens; this body holds at least {least})",
-            retry_after=self.state.retry_after(least),
-            close=True,
-        )
         # A pause that costs nothing: a client that retries at once is slowed to a few
         # refusals a second per connection instead of taking the model's CPU.
         if self.state.refusal_delay_s > 0:
             await asyncio.sleep(self.state.refusal_delay_s)
         # Counted by the metrics middleware (requests and errors); its items are not known.
         await error_response(error)(scope, receive, send)
-
-    def _authorised(self, header: bytes) -> bool:
-        if not self.state.api_keys:
-            return True
-        scheme, _, token = header.partition(b" ")
-        given = token.strip()
-        return scheme.lower() == b"bearer" and any(
-            hmac.compare_digest(given, key) for key in self.state.api_keys
-        )
 
 
 class MetricsMiddleware:
@@ -283,12 +292,16 @@ async def _read_body(request: Request, state: AppState) -> ReceivedBody:
     size = int(declared) if declared is not None and declared.isdigit() else None
     if size is not None and size > limit:
         raise TooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
-    if size is not None and not state.inflight.take(size):
-        raise Overloaded(
+
+    def too_many_bytes(*, close: bool) -> Overloaded:
+        return Overloaded(
             f"{state.inflight.used} request bytes are being received; try again shortly",
             retry_after=1,
-            close=True,
+            close=close,
         )
+
+    if size is not None and not state.inflight.take(size):
+        raise too_many_bytes(close=True)
     reserved = size or 0
     chunks: list[bytes] = []
     received = 0
@@ -301,11 +314,7 @@ async def _read_body(request: Request, state: AppState) -> ReceivedBody:
                 raise TooLarge(f"request body exceeds the limit of {limit} bytes")
             if received > reserved:
                 if not state.inflight.take(received - reserved):
-                    raise Overloaded(
-                        f"{state.inflight.used} request bytes are being received; try again "
-                        "shortly",
-                        retry_after=1,
-                    )
+                    raise too_many_bytes(close=False)
                 reserved = received
             chunks.append(chunk)
 
@@ -370,26 +379,16 @@ async def _until_disconnect(receive: Receive) -> None:
 
 def build_router(state: AppState) -> APIRouter:
     async def require_key(request: Request) -> None:
-        if not state.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
-        if scheme.lower() != "bearer" or not any(
-            hmac.compare_digest(given, key) for key in state.api_keys
-        ):
+        if not state.authorised(request.headers.get("authorization", "").encode("latin-1")):
             raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
 
     guarded = [Depends(require_key)]
     router = APIRouter()
 
     def admit(tokens: int) -> None:
-        free = state.queue_free()
-        if tokens > free and tokens <= state.queue_bound():
-            raise Overloaded(
-                f"queue full (room for {free} tokens; the request holds {tokens})",
-                retry_after=state.retry_after(tokens),
-            )
+        error = state.queue_refusal(tokens, "the request holds")
+        if error is not None:
+            raise error
 
     @router.post("/v1/rewards", dependencies=guarded)
     async def rewards(request: Request) -> Response:

@@ -20,6 +20,9 @@ from typing import Any
 __all__ = ["Decoded", "TokenText"]
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_PROBE = (
+    " Hello, world!  It's 3.14 -- ok?\n\n\tcafe\u0301 \u00e9t\u00e9 😀👩\u200d👧 你好 <b> don't "
+)
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -87,6 +90,21 @@ class TokenText:
             else:
                 self._pieces.append(None if token is None else self._piece(token))
                 self._special.append(token_id in special_ids)
+        self._exact = self.kind != "other" and self._pieces_spell_decodings()
+
+    def _pieces_spell_decodings(self) -> bool:
+        """Whether the tokens' bytes in order spell what the tokenizer's own ``decode`` gives
+        (up to the leading space a SentencePiece decoder strips), checked once on a probe text
+        rich in what tokenizers treat specially; if not, every decoding goes by prefixes."""
+        ids = self.encode(_PROBE)[0]
+        pieces = [b"" if self._special[i] else self._pieces[i] for i in ids]
+        if any(p is None for p in pieces):
+            return False
+        text = b"".join(p for p in pieces if p is not None).decode("utf-8", errors="replace")
+        reference = str(
+            self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
+        return text == reference or (text.startswith(" ") and text[1:] == reference)
 
     def _piece(self, token: str) -> bytes | None:
         if self.kind == "byte_level":
@@ -117,9 +135,6 @@ class TokenText:
         offsets = encoded.get("offset_mapping") or [(0, 0)] * len(encoded["input_ids"])
         return list(encoded["input_ids"]), [(int(a), int(b)) for a, b in offsets]
 
-    def is_special(self, token_id: int) -> bool:
-        return self._special[token_id]
-
     def decode(self, ids: Sequence[int]) -> Decoded:
         """The text of ``ids`` as the RM should read it, with each token's byte span; special
         tokens (EOS, end of turn) contribute no text and get an empty span.
@@ -130,18 +145,13 @@ class TokenText:
         a character then ends at the character's start.
         """
         pieces = [b"" if self._special[i] else self._pieces[i] for i in ids]
-        if any(p is None for p in pieces):
+        if not self._exact or any(p is None for p in pieces):
             return self._decode_by_prefixes(ids)
         raw = b"".join(p for p in pieces if p is not None)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             return self._decode_incrementally([p for p in pieces if p is not None])
-        reference = self.tokenizer.decode(
-            list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        if text != reference and not (text.startswith(" ") and text[1:] == reference):
-            return self._decode_by_prefixes(ids)
         spans = []
         position = 0
         for piece in pieces:

@@ -395,3 +395,10 @@ def test_public_api_is_explicit() -> None:
     assert public - set(tokenreward.__all__) <= submodules
     for name in tokenreward.__all__:
         assert hasattr(tokenreward, name)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_a_callers_id_that_looks_like_the_clients_own_comes_back_as_given(twin: str) -> None:
+    items = [{"id": "#1", "prompt_ids": [1], "response_ids": [2]}, ([1], [3])]
+    results, _ = call(twin, FakeService(), items)
+    assert [r.id for r in results] == ["#1", None]
