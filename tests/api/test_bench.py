@@ -114,7 +114,7 @@ def test_bench_against_a_running_server(model_dir: Callable[..., Path], tmp_path
 
 def test_gpu_check_runs_on_cpu_with_a_tiny_shape(capsys: pytest.CaptureFixture[str]) -> None:
     assert gpu_main(["--tiny", "--scale", "0.02"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)["checks"]["tiny"]
     for name in ("mixed", "group"):
         assert report[name]["service"]["errors"] == {}
         assert report[name]["inprocess"]["tokens_per_s"] > 0

@@ -1,19 +1,24 @@
-"""GPU check: an 8B-shaped Llama RM in bf16, in-process and through the service.
+"""GPU check: an 8B-shaped and a 0.5B-shaped Llama RM in bf16, in-process and through the service.
 
-    python -m tokenreward_service.bench.gpu            # on a CUDA machine, under 5 minutes
+    python -m tokenreward_service.bench.gpu            # on a CUDA machine, about 5 minutes
+    python -m tokenreward_service.bench.gpu --shape 8b # one shape
     python -m tokenreward_service.bench.gpu --tiny     # the same steps on CPU with a tiny shape
 
-It builds the RM with random weights directly on the device (nothing is downloaded or written
-to disk), then reports tokens/s and model FLOP utilisation (MFU) for the in-process forward and
-for a real uvicorn server on 127.0.0.1 on the ``mixed`` and ``group`` workloads (and on
-``mixed`` with each request's items batched alone, ``--batching off``), the share of
-time the host spends preparing batches (padding, copy to the device) against the forward pass,
-and the precision of the bf16 rewards against the same weights computed in float32.
+For each shape it builds the RM with random weights directly on the device (nothing is
+downloaded or written to disk), then reports tokens/s and model FLOP utilisation (MFU) for the
+in-process forward and for a real uvicorn server on 127.0.0.1 on the ``mixed`` and ``group``
+workloads (and on ``mixed`` with each request's items batched alone, ``--batching off``), the
+share of time the host spends preparing batches (padding, copy to the device) against the
+forward pass, and the precision of the bf16 rewards against the same weights computed in
+float32. The load comes from a separate client process, so the server's process holds only
+the server. The small shape is where the host path decides the throughput: its workloads are
+``SCALE_05B`` times larger, so that each run lasts long enough to measure.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import threading
@@ -33,6 +38,16 @@ SHAPE_8B: dict[str, int] = {
     "intermediate_size": 14336,
     "vocab_size": 128256,
 }
+SHAPE_05B: dict[str, int] = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "intermediate_size": 3072,
+    "vocab_size": 151936,
+}
+"""Qwen3-0.6B's sizes (its 128-wide heads as Llama's 64-wide ones): 0.5B parameters."""
+SCALE_05B = 8.0
 SHAPE_TINY: dict[str, int] = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
@@ -116,22 +131,69 @@ def _serve_in_thread(model: Any, batching: Literal["on", "off"] = "on") -> tuple
     return f"http://127.0.0.1:{port}", server
 
 
+def _client_run(url: str, name: str, vocab_size: int, scale: float) -> dict[str, Any]:
+    """One workload's load, sent from a process of its own (the workload is rebuilt there from
+    its seed, so only the figures cross the process boundary)."""
+    return run_service(url, make_workload(name, vocab_size=vocab_size, scale=scale))
+
+
+def _run_elsewhere(url: str, name: str, vocab_size: int, scale: float) -> dict[str, Any]:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        result: dict[str, Any] = pool.apply(_client_run, (url, name, vocab_size, scale))
+    return result
+
+
+SHAPES = {"8b": SHAPE_8B, "0.5b": SHAPE_05B, "tiny": SHAPE_TINY}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tiny", action="store_true", help="tiny shape (runs on CPU)")
+    parser.add_argument("--shape", default="8b,0.5b", help="comma-separated shapes: 8b, 0.5b, tiny")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of each workload")
+    parser.add_argument("--out", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
+    names = ["tiny"] if args.tiny else [n.strip() for n in args.shape.split(",")]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape {unknown[0]!r}; known: {', '.join(SHAPES)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sys.setswitchinterval(0.001)  # as `tokenreward serve` runs: see cli._serve
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "checks": {},
+    }
+    started = time.perf_counter()
+    for number, name in enumerate(names):
+        scale = args.scale * (SCALE_05B if name == "0.5b" else 1.0)
+        print(f"[{number + 1}/{len(names)}] shape {name}, scale {scale:g}", file=sys.stderr)
+        report["checks"][name] = check_shape(name, device, scale)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report["total_s"] = time.perf_counter() - started
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as out:
+            out.write(text + "\n")
+    return 0
+
+
+def check_shape(name: str, device: torch.device, scale: float) -> dict[str, Any]:
     from tokenreward_service.model import ModelSpec, RewardModel
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = SHAPE_TINY if args.tiny else SHAPE_8B
-    dtype = torch.bfloat16 if device.type == "cuda" or args.tiny else torch.float32
+    shape = SHAPES[name]
+    dtype = torch.bfloat16
     started = time.perf_counter()
     hf_model = build_model(shape, device, dtype)
     spec = ModelSpec(
-        id="gpu-check-random-8b" if not args.tiny else "gpu-check-random-tiny",
+        id=f"gpu-check-random-{name}",
         revision="sha256:random",
         architecture="LlamaForSequenceClassification",
         vocab_size=shape["vocab_size"],
@@ -143,36 +205,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = RewardModel(hf_model, spec)
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shape": shape,
+        "parameters": sum(p.numel() for p in hf_model.parameters()),
+        "scale": scale,
         "dtype": spec.dtype,
         "build_s": time.perf_counter() - started,
     }
     peak = _peak_tflops(device)
     url, server = _serve_in_thread(model)
-    for name in ("mixed", "group"):
-        workload = make_workload(name, vocab_size=shape["vocab_size"], scale=args.scale)
+    for workload_name in ("mixed", "group"):
+        workload = make_workload(workload_name, vocab_size=shape["vocab_size"], scale=scale)
         items = workload.items
         context = sum((len(p) + len(r)) ** 2 / 2 for p, r in items) / max(1, workload.tokens)
         flops = flops_per_token(shape, context)
         model.score_batch([[1] * 64], [8])  # warm-up
         inproc = run_inprocess(model, workload, max_batch_tokens=65536, max_batch_size=256)
-        service = run_service(url, workload)
+        service = _run_elsewhere(url, workload_name, shape["vocab_size"], scale)
         entry: dict[str, Any] = {"tokens": workload.tokens, "inprocess": inproc, "service": service}
-        if name == "mixed":
+        if workload_name == "mixed":
             entry["host_side"] = host_side_share(model, workload, 65536)
             # Each request's items alone (--batching off): what batching across requests gains.
             alone_url, alone_server = _serve_in_thread(model, batching="off")
-            entry["batching_off"] = run_service(alone_url, workload)
+            entry["batching_off"] = _run_elsewhere(
+                alone_url, workload_name, shape["vocab_size"], scale
+            )
             alone_server.should_exit = True
         for key in ("inprocess", "service", "batching_off"):
             if key not in entry:
                 continue
-            achieved = entry[key]["tokens_per_s"] * flops / 1e12
+            # Counted on the tokens the model really ran: a shared prompt once, no padding.
+            real = entry[key]["tokens_per_s"] * entry[key].get("computed_share", 1.0)
+            achieved = real * flops / 1e12
             entry[key]["tflops"] = achieved
             entry[key]["mfu"] = achieved / peak if peak else None
-        report[name] = entry
-        print(f"{name}: done", file=sys.stderr, flush=True)
+        report[workload_name] = entry
+        print(f"{workload_name}: done", file=sys.stderr, flush=True)
     server.should_exit = True
     # Precision: the same bf16 weights, computed in float32, on a short sequence.
     generator = torch.Generator().manual_seed(1)
@@ -189,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "score_scale": float(exact.abs().mean()),
     }
     report["total_s"] = time.perf_counter() - started
-    print(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
 if __name__ == "__main__":

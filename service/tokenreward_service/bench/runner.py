@@ -258,10 +258,12 @@ def run_inprocess(
     items = workload.items
     batches = ideal_batches(workload, max_batch_tokens, max_batch_size)
     started = time.perf_counter()
+    real_tokens = 0
     for batch in batches:
         sequences = [items[i][0] + items[i][1] for i in batch]
         prompt_lens = [len(items[i][0]) for i in batch]
         scored = model.score_batch(sequences, prompt_lens)
+        real_tokens += scored.real_tokens
         width = max(map(len, sequences))
         padded = torch.zeros((len(batch), width))
         for row, scores in enumerate(scored.scores):
@@ -278,6 +280,7 @@ def run_inprocess(
         "items_per_s": len(items) / elapsed,
         "seconds": elapsed,
         "batches": len(batches),
+        "computed_share": real_tokens / max(1, workload.tokens),
     }
 
 
