@@ -78,6 +78,9 @@ class Recipe:
     neutral_weight: float = 1.0
     eos_weight: float = 1.0
     heldout_sample: int = 300
+    degenerate_weight: float = 0.0
+    """Weight of "a text beats its degenerate copy" (a span of it repeated at its end, or its
+    tokens shuffled): what a policy optimised against the RM tends to produce. 0: off."""
 
 
 def _config(recipe: Recipe, vocab_size: int) -> Any:
@@ -163,6 +166,24 @@ def _lm_warmup(config: Any, seqs: list[list[int]], recipe: Recipe, log: Log) -> 
     return dict(lm.model.state_dict())
 
 
+def degenerate(seq: Sequence[int], gen: torch.Generator, max_length: int) -> list[int]:
+    """A degenerate copy of ``[BOS] + text + [EOS]``: a span of 1 to 4 of its tokens repeated 2
+    to 4 times at its end, or (one time in three) its text tokens shuffled."""
+    body = list(seq[1:-1])
+    if len(body) < 2:
+        return [*seq[:-1], *body * 3, seq[-1]][:max_length]
+    if int(torch.randint(3, (1,), generator=gen)) == 0:
+        order = torch.randperm(len(body), generator=gen).tolist()
+        shuffled = [body[i] for i in order]
+        if shuffled != body:
+            return [seq[0], *shuffled, seq[-1]]
+    width = 1 + int(torch.randint(min(4, len(body)), (1,), generator=gen))
+    start = int(torch.randint(len(body) - width + 1, (1,), generator=gen))
+    times = 2 + int(torch.randint(3, (1,), generator=gen))
+    tail = body[start : start + width] * times
+    return [*[seq[0], *body, *tail][: max_length - 1], seq[-1]]
+
+
 def _train_rm(
     model: Any, seqs: list[list[int]], data: list[Example], recipe: Recipe, log: Log
 ) -> None:
@@ -174,6 +195,8 @@ def _train_rm(
         groups = torch.zeros_like(groups)
     gen = torch.Generator().manual_seed(recipe.seed + 2)
     k = recipe.prefixes_per_text
+    # Its own generator, so that a recipe without the term draws exactly what it always drew.
+    degenerate_gen = torch.Generator().manual_seed(recipe.seed + 3)
 
     def loss_of(batch: list[int]) -> torch.Tensor:
         ids, mask, lens = pad_batch([seqs[i] for i in batch])
@@ -188,12 +211,20 @@ def _train_rm(
         neutral = torch.cat([picked, final[:, None]], dim=1)[y == 1] - scores[0, 0]
         anchor = neutral.pow(2).mean() if neutral.numel() else final.sum() * 0.0
         eos_step = (final - scores[rows, lens - 2]).pow(2).mean()
-        return (
+        loss = (
             _bradley_terry(final, y, g)
             + recipe.prefix_weight * prefix
             + recipe.neutral_weight * anchor
             + recipe.eos_weight * eos_step
         )
+        if recipe.degenerate_weight > 0:
+            half = batch[: max(1, len(batch) // 2)]
+            copies = [degenerate(seqs[i], degenerate_gen, recipe.max_positions) for i in half]
+            c_ids, c_mask, c_lens = pad_batch(copies)
+            copy_final = prefix_scores(model, c_ids, c_mask)[torch.arange(len(half)), c_lens - 1]
+            worse = -F.logsigmoid(final[: len(half)] - copy_final).mean()
+            loss = loss + recipe.degenerate_weight * worse
+        return loss
 
     plan = _plan([len(s) for s in seqs], recipe.rm_epochs, recipe.batch_size, gen)
     _optimise(model, plan, recipe.rm_lr, loss_of, log)
