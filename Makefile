@@ -57,7 +57,7 @@ gpu-check: $(STAMP)
 
 # Retrain the embedded demo RM from scratch (about 4 minutes on 2 idle CPU cores).
 demo-model: $(STAMP)
-	$(BIN)/python -m tokenreward_service.demo.train
+	$(BIN)/python -m tokenreward_service.demo.train $(ARGS)
 
 # PPO on the demo RM, dense vs sparse vs mixed rewards, 3 seeds each, across the network
 # (examples/rl): rewrites docs/rl (curves, summary, picture). About 20 minutes on 2 idle cores.

@@ -47,8 +47,11 @@ def free_port() -> int:
         return port
 
 
-def start_service(policy_dir: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``tokenreward serve`` with the demo RM and the policy's tokenizer, once it is ready."""
+def start_service(
+    policy_dir: Path, workdir: Path, rm: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``tokenreward serve`` with the demo RM (or ``rm``) and the policy's tokenizer, once it
+    is ready."""
     from tokenreward import RewardClient
 
     port = free_port()
@@ -65,6 +68,7 @@ def start_service(policy_dir: Path, workdir: Path) -> tuple[subprocess.Popen[byt
         "0",
         "--log-level",
         "warning",
+        *(["--model", str(rm)] if rm is not None else []),
     ]
     service_log = (workdir / "service.log").open("wb")
     process = subprocess.Popen(command, stdout=service_log, stderr=subprocess.STDOUT)
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", type=Path, default=None, help="default: <repo>/build/rl/policy")
     parser.add_argument("--arms", default=None, help="β_c values (default 0,0.5,1; smoke: 0,1)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rm", type=Path, default=None, help="another RM (default: the demo RM)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--smoke", action="store_true", help="a tiny policy, one seed, 3 updates")
     parser.add_argument(
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out / "policy" if args.smoke else HERE.parents[1] / "build" / "rl" / "policy"
     )
     ensure_policy(recipe, policy_dir, log)
-    service, url = start_service(policy_dir, args.out)
+    service, url = start_service(policy_dir, args.out, args.rm)
     try:
         paths = run_all(configs, policy_dir, url, args.out / "runs", args.parallel)
     finally:

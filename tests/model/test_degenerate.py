@@ -117,4 +117,4 @@ def test_a_recipe_with_the_term_trains_on_degenerate_copies(
     assert calls  # the term ran
     calls.clear()
     train_module.train(dataclasses.replace(recipe, degenerate_weight=0.0), None, log=lambda m: None)
-    assert not calls  # off by default: the committed recipe draws nothing for it
+    assert not calls  # at 0 the term draws nothing: such a recipe trains as it did before it

@@ -419,6 +419,7 @@ def evaluate_lexicon(
     limit: int | None = None,
     corpus: bool = True,
     progress: Progress | None = None,
+    model_dir: Path = MODEL_DIR,
 ) -> dict[str, Any]:
     """The whole evaluation as a JSON-able report. ``limit``: only the first ``limit`` words of
     each sign (alphabetical); ``corpus``: also split the figures by training-corpus frequency."""
@@ -440,7 +441,7 @@ def evaluate_lexicon(
     per_word: dict[str, list[Placement]] = {}
     for placement in placements:
         per_word.setdefault(placement.word, []).append(placement)
-    counts = training_counts(per_word) if corpus else None
+    counts = training_counts(per_word, model_dir) if corpus else None
     word_rows = [
         {
             "word": word,
@@ -597,7 +598,7 @@ def format_report(report: dict[str, Any], *, top: int = 10) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Evaluate the committed demo RM on the lexicon and print the summary."""
+    """Evaluate the committed demo RM (or ``--model DIR``) on the lexicon; print the summary."""
     from tokenreward_service.loading import load_reward_model
 
     parser = argparse.ArgumentParser(
@@ -607,10 +608,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=10, help="words listed per list (0: none)")
     parser.add_argument("--no-corpus", action="store_true", help="no training-frequency split")
     parser.add_argument("--json", type=Path, default=None, help="also write the full report")
+    parser.add_argument(
+        "--model", type=Path, default=MODEL_DIR, help="a demo-style RM folder (default: shipped)"
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    model = load_reward_model(MODEL_DIR, device="cpu", dtype="float32")
+    model = load_reward_model(args.model, device="cpu", dtype="float32")
     shown = [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -619,7 +623,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             shown[0] = elapsed
             print(f"scored {done}/{total} texts ({elapsed:.0f} s)", file=sys.stderr, flush=True)
 
-    report = evaluate_lexicon(model, limit=args.limit, corpus=not args.no_corpus, progress=progress)
+    report = evaluate_lexicon(
+        model,
+        limit=args.limit,
+        corpus=not args.no_corpus,
+        progress=progress,
+        model_dir=args.model,
+    )
     report["seconds"] = round(time.perf_counter() - started, 1)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
