@@ -14,11 +14,14 @@ This module never imports FastAPI and raises domain errors only.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import heapq
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -95,6 +98,8 @@ class _Pending:
     enqueued: float
     deadline: float
     request: int
+    arrival: int = 0
+    """Its place in arrival order (FIFO)."""
     length: int = field(init=False)
     prompt_key: tuple[int, ...] = field(init=False)
     released: bool = False
@@ -103,6 +108,147 @@ class _Pending:
     def __post_init__(self) -> None:
         self.length = len(self.job.tokens)
         self.prompt_key = tuple(self.job.tokens[: self.job.prompt_len])
+
+
+@dataclass(eq=False)
+class _Unit:
+    """Items that go into a batch together: those sharing a prompt, or one item alone."""
+
+    key: object
+    scope: int | None
+    items: OrderedDict[int, _Pending] = field(default_factory=OrderedDict)
+    entry: tuple[int, int, int] | None = None
+    """Its place in its scope's length index: (longest, first arrival, unit number)."""
+
+
+class _Queue:
+    """The waiting items, indexed so that a batch decision costs O(batch), not O(queue).
+
+    Items are kept in arrival order (the anchor is the oldest), grouped into units (items that
+    share a prompt go together), and each scope's units (all of them when requests share
+    batches, else each request's own) are kept sorted by their longest item, so that a batch
+    grows outwards in length from its anchor without looking at the rest of the queue.
+    Deadlines are in a heap: expired items are found without a scan.
+    """
+
+    def __init__(self, *, cross_request: bool, group_prompts: bool) -> None:
+        self._cross_request = cross_request
+        self._group_prompts = group_prompts
+        self._items: OrderedDict[int, _Pending] = OrderedDict()
+        self._unit_of: dict[int, _Unit] = {}
+        self._units: dict[object, _Unit] = {}
+        self._numbers: dict[int, _Unit] = {}
+        self._index: dict[int | None, list[tuple[int, int, int]]] = {}
+        self._deadlines: list[tuple[float, int, _Pending]] = []
+        self._lengths: Counter[int] = Counter()
+        self._longest = 0
+        self._arrivals = 0
+        self._unit_numbers = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[_Pending]:
+        return iter(list(self._items.values()))
+
+    def oldest(self) -> _Pending | None:
+        return next(iter(self._items.values()), None)
+
+    def longest(self) -> int:
+        """The longest queued item's length."""
+        return self._longest
+
+    def add(self, item: _Pending) -> None:
+        self._arrivals += 1
+        item.arrival = self._arrivals
+        self._items[id(item)] = item
+        heapq.heappush(self._deadlines, (item.deadline, item.arrival, item))
+        self._lengths[item.length] += 1
+        self._longest = max(self._longest, item.length)
+        scope = None if self._cross_request else item.request
+        shared = self._group_prompts and len(item.prompt_key) >= MIN_SHARED_PROMPT
+        key = (scope, item.prompt_key) if shared else (scope, id(item))
+        unit = self._units.get(key)
+        if unit is None:
+            unit = self._units[key] = _Unit(key, scope)
+        else:
+            self._unindex(unit)
+        unit.items[id(item)] = item
+        self._unit_of[id(item)] = unit
+        self._reindex(unit)
+
+    def remove(self, item: _Pending) -> None:
+        """Take ``item`` out (a no-op when it is not queued)."""
+        if self._items.pop(id(item), None) is None:
+            return
+        self._lengths[item.length] -= 1
+        if not self._lengths[item.length]:
+            del self._lengths[item.length]
+            if item.length == self._longest:
+                self._longest = max(self._lengths, default=0)
+        unit = self._unit_of.pop(id(item))
+        self._unindex(unit)
+        del unit.items[id(item)]
+        if unit.items:
+            self._reindex(unit)
+        else:
+            del self._units[unit.key]
+
+    def expired(self, now: float) -> list[_Pending]:
+        """Queued items whose deadline has passed, taken out of the queue."""
+        out: list[_Pending] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, item = heapq.heappop(self._deadlines)
+            if id(item) in self._items and self._items[id(item)] is item:
+                self.remove(item)
+                out.append(item)
+        return out
+
+    def unit_items(self, item: _Pending) -> list[_Pending]:
+        """The items of ``item``'s unit, in arrival order."""
+        return list(self._unit_of[id(item)].items.values())
+
+    def outward(self, anchor: _Pending) -> Iterator[tuple[int, list[_Pending]]]:
+        """The other units of the anchor's scope as (longest, items), nearest the anchor's
+        length first (on a tie in distance, the longer side; then the earlier arrival)."""
+        own = self._unit_of[id(anchor)]
+        index = self._index.get(own.scope, [])
+        high = bisect.bisect_left(index, (anchor.length, -1, -1))
+        low = high - 1
+        while True:
+            while low >= 0 and self._numbers[index[low][2]] is own:
+                low -= 1
+            while high < len(index) and self._numbers[index[high][2]] is own:
+                high += 1
+            if low < 0 and high >= len(index):
+                return
+            if high < len(index) and (
+                low < 0 or index[high][0] - anchor.length <= anchor.length - index[low][0]
+            ):
+                entry = index[high]
+                high += 1
+            else:
+                entry = index[low]
+                low -= 1
+            yield entry[0], list(self._numbers[entry[2]].items.values())
+
+    def _unindex(self, unit: _Unit) -> None:
+        if unit.entry is None:
+            return
+        index = self._index[unit.scope]
+        del index[bisect.bisect_left(index, unit.entry)]
+        if not index:
+            del self._index[unit.scope]
+        del self._numbers[unit.entry[2]]
+        unit.entry = None
+
+    def _reindex(self, unit: _Unit) -> None:
+        self._unit_numbers += 1
+        number = self._unit_numbers
+        first = next(iter(unit.items.values()))
+        unit.entry = (max(p.length for p in unit.items.values()), first.arrival, number)
+        self._numbers[number] = unit
+        bisect.insort(self._index.setdefault(unit.scope, []), unit.entry)
 
 
 class Batcher:
@@ -122,7 +268,7 @@ class Batcher:
         self._on_batch = on_batch
         self._on_queue = on_queue
         self._clock = clock
-        self._queue: list[_Pending] = []
+        self._queue = _Queue(cross_request=config.cross_request, group_prompts=config.group_prompts)
         self._queued_tokens = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -203,7 +349,8 @@ class Batcher:
             _Pending(job, loop.create_future(), now, now + timeout_s, self._requests)
             for job in jobs
         ]
-        self._queue.extend(pending)
+        for p in pending:
+            self._queue.add(p)
         self._queued_tokens += tokens
         self._report_queue()
         self._wakeup.set()
@@ -219,7 +366,8 @@ class Batcher:
                 # leave the queue and the bound now, not when the next batch is taken, so a
                 # new request is not refused for work that nobody waits for.
                 self._release(gone)
-                self._queue = [p for p in self._queue if not p.released]
+                for p in gone:
+                    self._queue.remove(p)
                 self._report_queue()
 
     @property
@@ -253,35 +401,30 @@ class Batcher:
                 self._queued_tokens -= item.length
 
     def _take_batch(self) -> list[_Pending]:
-        """Remove and return the next batch; expired and cancelled items are dropped on the way."""
-        now = self._clock()
-        live: list[_Pending] = []
-        for item in self._queue:
-            if item.released:  # given up by its caller, already out of the bound
-                continue
-            if item.future.done():  # caller gone
-                self._drop(item)
-            elif item.deadline <= now:
-                self._drop(item)
+        """Remove and return the next batch; expired and cancelled items are dropped on the way.
+
+        Costs O(batch), not O(queue): the anchor is the oldest item, its unit comes from the
+        queue's index, and the other units are visited outwards in length from the anchor's,
+        nearest first, until one does not fit.
+        """
+        for item in self._queue.expired(self._clock()):
+            self._drop(item)
+            if not item.future.done():
                 item.future.set_exception(
                     DeadlineExceeded("the request waited past its deadline in the queue")
                 )
-            else:
-                live.append(item)
-        if not live:
-            self._queue = []
+        anchor = self._queue.oldest()
+        while anchor is not None and anchor.future.done():  # its caller is gone
+            self._queue.remove(anchor)
+            self._drop(anchor)
+            anchor = self._queue.oldest()
+        if anchor is None:
             self._report_queue()
             return []
-        anchor = live[0]  # the oldest: FIFO insertion order
         cfg = self._config
-        candidates = live if cfg.cross_request else [p for p in live if p.request == anchor.request]
         # Units: the items that share a prompt go together (the engine computes it once for
         # them; split across batches it would be computed again, or in full for a lone item).
-        units: dict[object, list[_Pending]] = {}
-        for p in candidates:
-            shared = cfg.group_prompts and len(p.prompt_key) >= MIN_SHARED_PROMPT
-            units.setdefault(p.prompt_key if shared else id(p), []).append(p)
-        first = next(unit for unit in units.values() if unit[0] is anchor)
+        first = self._queue.unit_items(anchor)
         batch: list[_Pending] = []
         longest = real = 0
         for item in sorted(first, key=lambda p: p is not anchor):  # the anchor, then siblings
@@ -290,22 +433,10 @@ class Batcher:
                 break  # a group bigger than a batch: the rest of it leads a later batch
             batch.append(item)
             longest, real = max(longest, item.length), real + item.length
-        others = sorted(
-            ((max(p.length for p in unit), unit) for unit in units.values() if unit is not first),
-            key=lambda pair: pair[0],
-        )
         # Grow outwards in length from the anchor's unit, nearest first, whole units only.
-        low = sum(1 for length, _ in others if length < anchor.length) - 1
-        high = low + 1
-        while len(batch) < cfg.max_batch_size and (low >= 0 or high < len(others)):
-            if high < len(others) and (
-                low < 0 or others[high][0] - anchor.length <= anchor.length - others[low][0]
-            ):
-                unit_longest, unit = others[high]
-                high += 1
-            else:
-                unit_longest, unit = others[low]
-                low -= 1
+        for unit_longest, unit in self._queue.outward(anchor):
+            if len(batch) >= cfg.max_batch_size:
+                break
             new_longest = max(longest, unit_longest)
             count = len(batch) + len(unit)
             if new_longest * count > self._budget or count > cfg.max_batch_size:
@@ -315,9 +446,8 @@ class Batcher:
                 break  # the rest waits for a batch of its own length: padding is pure waste
             batch.extend(unit)
             longest, real = new_longest, real + added
-        chosen = set(map(id, batch))
-        self._queue = [p for p in live if id(p) not in chosen]
         for item in batch:
+            self._queue.remove(item)
             self._drop(item)
         self._report_queue()
         return batch
@@ -325,7 +455,7 @@ class Batcher:
     def _ready_to_close(self, first_seen: float) -> bool:
         if self._closing:
             return True
-        longest = max((p.length for p in self._queue), default=0)
+        longest = self._queue.longest()
         full = longest * len(self._queue) >= self._budget or (
             len(self._queue) >= self._config.max_batch_size
         )
@@ -350,7 +480,8 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(InternalError("the batch scheduler failed"))
             self._in_flight = []
-            self._queue = []
+            for item in list(self._queue):
+                self._queue.remove(item)
             self._queued_tokens = 0
             self._report_queue()
             raise
@@ -364,7 +495,9 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            first_seen = self._queue[0].enqueued  # the oldest item's wait counts, not ours
+            oldest = self._queue.oldest()
+            assert oldest is not None
+            first_seen = oldest.enqueued  # the oldest item's wait counts, not ours
             while not self._ready_to_close(first_seen):
                 self._wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
