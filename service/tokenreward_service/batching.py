@@ -193,6 +193,11 @@ class _Queue:
             self._reindex(unit)
         else:
             del self._units[unit.key]
+        if len(self._deadlines) > 2 * len(self._items) + 1024:
+            # Taken items stay in the heap until their deadline passes; rebuilt from what is
+            # queued once they outnumber it, so they are not held for the whole timeout.
+            self._deadlines = [(p.deadline, p.arrival, p) for p in self._items.values()]
+            heapq.heapify(self._deadlines)
 
     def expired(self, now: float) -> list[_Pending]:
         """Queued items whose deadline has passed, taken out of the queue."""

@@ -128,3 +128,19 @@ def test_expired_items_leave_the_queue_and_fail_without_a_scan() -> None:
         assert len(batcher._queue) == 0
     finally:
         loop.close()
+
+
+def test_taken_items_are_not_held_until_their_deadline() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        batcher = Batcher(NeverCalled(), BatcherConfig(16384, 256, 0.0, 10**9), clock=lambda: 0.0)
+        for number in range(5000):
+            item = _Pending(Job([1, 2, 3], 1), loop.create_future(), 0.0, 1e9, number)
+            batcher._queue.add(item)
+            if number % 100 == 99:
+                while batcher._take_batch():
+                    pass
+        assert len(batcher._queue) == 0
+        assert len(batcher._queue._deadlines) <= 2 * 100 + 1024
+    finally:
+        loop.close()
