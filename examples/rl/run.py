@@ -137,6 +137,28 @@ def run_all(
     active: list[tuple[RunConfig, Path, Any, Any]] = []
     done: list[Path] = []
     started = time.perf_counter()
+    try:
+        _drive(configs, pending, active, done, policy_dir, url, runs_dir, parallel, started)
+    finally:
+        for _, _, learner, worker in active:  # a failed run stops its siblings too
+            for process in (learner, worker):
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    return done
+
+
+def _drive(
+    configs: list[RunConfig],
+    pending: list[RunConfig],
+    active: list[tuple[RunConfig, Path, Any, Any]],
+    done: list[Path],
+    policy_dir: Path,
+    url: str,
+    runs_dir: Path,
+    parallel: int,
+    started: float,
+) -> None:
     while pending or active:
         while pending and len(active) < parallel:
             config = pending.pop(0)
@@ -157,7 +179,6 @@ def run_all(
             eta = elapsed / len(done) * (len(configs) - len(done))
             log(f"run {len(done)}/{len(configs)} done ({curves.name}), ETA {eta / 60:.1f} min")
         time.sleep(0.2)
-    return done
 
 
 def main(argv: list[str] | None = None) -> int:
