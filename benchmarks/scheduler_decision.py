@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import statistics
 import sys
 import threading
@@ -25,7 +26,8 @@ from typing import Any
 
 import torch
 
-from tokenreward_service.batching import Batcher, BatcherConfig, Job
+from tokenreward_service.app import batcher_config
+from tokenreward_service.batching import Batcher, Job
 from tokenreward_service.bench.workloads import make_workload
 from tokenreward_service.config import Settings
 from tokenreward_service.model import BatchScores
@@ -55,16 +57,8 @@ async def measure(items: int, workload: str) -> dict[str, Any]:
     shaped = make_workload(workload, vocab_size=32000, scale=items / len(base.items))
     defaults = Settings()
     engine = HeldEngine()
-    batcher = Batcher(
-        engine,
-        BatcherConfig(
-            max_batch_tokens=defaults.max_batch_tokens,
-            max_batch_size=defaults.max_batch_size,
-            max_wait_s=defaults.max_wait_ms / 1000.0,
-            max_queued_tokens=shaped.tokens * 2,
-            min_padding_efficiency=defaults.min_padding_efficiency,
-        ),
-    )
+    config = dataclasses.replace(batcher_config(defaults), max_queued_tokens=shaped.tokens * 2)
+    batcher = Batcher(engine, config)
     decisions: list[tuple[int, float]] = []
     take = batcher._take_batch
 

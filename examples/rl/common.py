@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from tokenreward_service.model import right_pad
+
 POLICY_NAME = "policy"
 """The name the service knows the policy's tokenizer by (``--policy-tokenizer policy=DIR``)."""
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -105,26 +107,13 @@ def prompts_for(texts: Sequence[str], tokenizer: Any, *, count: int, seed: int) 
     return prompts
 
 
-def right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 def response_logprobs(
-    model: Any,
-    prompts: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[int]],
-    pad: int,
+    model: Any, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
 ) -> torch.Tensor:
     """``[B, T]`` log-probability of each response token under ``model`` given everything before
     it (0 past a response's end); ``T`` is the longest response. Sequences are right-padded, so
     positions count from 0 in every row."""
-    ids, mask = right_pad([list(p) + list(r) for p, r in zip(prompts, responses, strict=True)], pad)
+    ids, mask = right_pad([list(p) + list(r) for p, r in zip(prompts, responses, strict=True)])
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)

@@ -32,11 +32,11 @@ from common import (
     prompts_for,
     quiet_transformers,
     response_logprobs,
-    right_pad,
 )
 
 from tokenreward.integrations.learner import ppo_token_rewards
 from tokenreward_service.demo.data import load_corpus, split_by_text
+from tokenreward_service.model import right_pad
 
 
 class Critic(torch.nn.Module):
@@ -59,10 +59,10 @@ class Critic(torch.nn.Module):
 
 
 def response_values(
-    critic: Critic, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad: int
+    critic: Critic, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
 ) -> torch.Tensor:
     """``[B, T]``: V of the state each response token is chosen in (everything before it)."""
-    ids, mask = right_pad([list(p) + list(r) for p, r in zip(prompts, responses, strict=True)], pad)
+    ids, mask = right_pad([list(p) + list(r) for p, r in zip(prompts, responses, strict=True)])
     return gather_responses(critic(ids, mask)[:, :-1], prompts, responses)
 
 
@@ -98,7 +98,6 @@ class PPO:
         self.config = config
         torch.manual_seed(config.seed)
         self.tokenizer = load_policy_tokenizer(policy_dir)
-        self.pad = self.tokenizer.pad_token_id
         self.policy = load_policy(policy_dir).train()
         self.reference = load_policy(policy_dir).eval().requires_grad_(False)
         self.critic = Critic(policy_dir).train()
@@ -127,8 +126,8 @@ class PPO:
             token_rewards[i, : len(r)] = torch.tensor(tr)
             mask[i, : len(r)] = 1
         with torch.no_grad():
-            ref_logp = response_logprobs(self.reference, prompts, responses, self.pad)
-            old_values = response_values(self.critic, prompts, responses, self.pad)
+            ref_logp = response_logprobs(self.reference, prompts, responses)
+            old_values = response_values(self.critic, prompts, responses)
         rewards = ppo_token_rewards(token_rewards, old_logp, ref_logp, mask, beta=c.kl_beta)
         advantages, returns = gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
         advantages = whiten(advantages, mask)
@@ -144,7 +143,7 @@ class PPO:
                 some_responses = [responses[i] for i in rows]
                 cols = slice(0, max(len(x) for x in some_responses))
                 m = m[:, cols]
-                values = response_values(self.critic, some_prompts, some_responses, self.pad)
+                values = response_values(self.critic, some_prompts, some_responses)
                 clipped = old_values[rows][:, cols] + (values - old_values[rows][:, cols]).clamp(
                     -c.value_clip, c.value_clip
                 )
@@ -159,7 +158,7 @@ class PPO:
                 stats["value_loss"].append(value_loss.item())
                 if not train_policy:
                     continue
-                logp = response_logprobs(self.policy, some_prompts, some_responses, self.pad)
+                logp = response_logprobs(self.policy, some_prompts, some_responses)
                 ratio = torch.exp(logp - old_logp[rows][:, cols])
                 adv = advantages[rows][:, cols]
                 loss = masked_mean(

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import BOS, EOS, UNK, quiet_transformers, right_pad
+from common import BOS, EOS, UNK, quiet_transformers
 
 from tokenreward_service.demo.data import load_corpus, split_by_text
+from tokenreward_service.model import right_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +131,7 @@ def _train(recipe: PolicyRecipe, out: Path, log: Any, started: float) -> dict[st
         for group in optimiser.param_groups:
             group["lr"] = lr
         picks = torch.randint(len(seqs), (recipe.batch_size,), generator=gen).tolist()
-        ids, mask = right_pad([seqs[i] for i in picks], tokenizer.pad_token_id)
+        ids, mask = right_pad([seqs[i] for i in picks])
         labels = ids.masked_fill(mask == 0, -100)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimiser.zero_grad()
@@ -162,7 +163,7 @@ def _train(recipe: PolicyRecipe, out: Path, log: Any, started: float) -> dict[st
 def _heldout_loss(model: Any, tokenizer: Any, texts: list[str], recipe: PolicyRecipe) -> float:
     eos = tokenizer.convert_tokens_to_ids(EOS)
     seqs = [[*ids[: recipe.max_tokens - 1], eos] for ids in tokenizer(texts)["input_ids"]]
-    ids, mask = right_pad(seqs, tokenizer.pad_token_id)
+    ids, mask = right_pad(seqs)
     with torch.no_grad():
         return float(
             model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss

@@ -88,7 +88,7 @@ def serve_rollouts(conn: Any, service: str, policy_dir: Path, beta_c: float) -> 
                     max_new_tokens=message["max_new_tokens"],
                     temperature=message["temperature"],
                 )
-                logprobs = response_logprobs(policy, prompts, responses, pad)
+                logprobs = response_logprobs(policy, prompts, responses)
             generated = time.perf_counter()
             items = [
                 {"prompt_ids": p, "response_ids": r}

@@ -31,7 +31,7 @@ from tokenreward_service.routes import (
 from tokenreward_service.serving import RewardService
 from tokenreward_service.tokentext import TokenText
 
-__all__ = ["create_app", "load_model", "load_preparer"]
+__all__ = ["batcher_config", "create_app", "load_model", "load_preparer"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,19 @@ def load_preparer(settings: Settings, model: RewardModel) -> Preparer:
     )
 
 
+def batcher_config(settings: Settings) -> BatcherConfig:
+    """The scheduler's settings, as the server runs them."""
+    return BatcherConfig(
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000.0,
+        max_queued_tokens=settings.max_queued_tokens,
+        cross_request=settings.batching == "on",
+        min_padding_efficiency=settings.min_padding_efficiency,
+        group_prompts=settings.share_prompts,
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -130,15 +143,7 @@ def create_app(
         metrics.watch_gpu(torch.device(reward_model.spec.device))
         batcher = Batcher(
             reward_model,
-            BatcherConfig(
-                max_batch_tokens=settings.max_batch_tokens,
-                max_batch_size=settings.max_batch_size,
-                max_wait_s=settings.max_wait_ms / 1000.0,
-                max_queued_tokens=settings.max_queued_tokens,
-                cross_request=settings.batching == "on",
-                min_padding_efficiency=settings.min_padding_efficiency,
-                group_prompts=settings.share_prompts,
-            ),
+            batcher_config(settings),
             on_batch=metrics.observe_batch,
             on_queue=metrics.observe_queue,
         )

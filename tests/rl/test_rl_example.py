@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "rl"
 sys.path.insert(0, str(EXAMPLE))
 
-from common import gather_responses, response_logprobs, right_pad  # noqa: E402
+from common import gather_responses, response_logprobs  # noqa: E402
 from learner import check_counts, gae  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def test_response_logprobs_equal_each_sequence_scored_alone() -> None:
     prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11]]
     responses = [[12, 13, 2], [14, 15, 16, 17, 2], [18]]
     with torch.no_grad():
-        batched = response_logprobs(model, prompts, responses, pad=0)
+        batched = response_logprobs(model, prompts, responses)
         for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             ids = torch.tensor([p + r])
             logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
@@ -94,7 +94,6 @@ def test_gather_responses_reads_the_column_before_each_token() -> None:
     got = gather_responses(per_position, [[1, 2], [1, 2, 3]], [[4, 5], [6]])
     # Row 0: prompt of 2, so the response's first token is predicted at column 1.
     assert got.tolist() == [[1.0, 2.0], [8.0, 0.0]]
-    assert right_pad([[3], [4, 5]], 0)[1].tolist() == [[1, 0], [1, 1]]
 
 
 def test_a_batch_with_shifted_credit_is_refused() -> None:
