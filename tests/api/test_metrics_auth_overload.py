@@ -80,6 +80,7 @@ def test_api_keys_guard_every_route_but_the_probes_and_metrics(llama: RewardMode
     key = "s3cret-key-123"
     with LiveServer(Settings(api_keys=[key, "another-key-456"]), model=llama) as server:
         body = {"items": [{"prompt_ids": [1], "response_ids": [2]}]}
+        bodies = {"/get_reward": {"query": [], "prompts": []}}  # OpenRLHF's shape
         # Every route the app has, so that a new route without the guard fails this test.
         routes = [
             (method, route.path)
@@ -101,7 +102,7 @@ def test_api_keys_guard_every_route_but_the_probes_and_metrics(llama: RewardMode
                 ok = httpx.request(
                     method,
                     server.url + path,
-                    json=body,
+                    json=bodies.get(path, body),
                     headers={"Authorization": f"Bearer {good}"},
                 )
                 assert ok.status_code == 200, (path, ok.text)
