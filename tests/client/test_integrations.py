@@ -1,10 +1,11 @@
 """The trainer integrations against a real server: vLLM outputs, learner tensors, scalar reward
-functions for OpenRLHF and TRL."""
+functions for OpenRLHF and TRL (TRL's own GRPOTrainer runs them in tests/integrations)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,9 @@ from tokenreward import RewardClient, RewardResult
 from tokenreward.integrations.learner import dense_rewards, ppo_token_rewards
 from tokenreward.integrations.trainers import openrlhf_reward_func, trl_reward_func
 from tokenreward.integrations.vllm import items_from_vllm, rewards_by_request
+from tokenreward.protocol import Message, RewardItem
 from tokenreward_service.config import Settings
+from tokenreward_service.loading import load_reward_model
 from tokenreward_service.model import RewardModel
 
 
@@ -159,15 +162,102 @@ def test_openrlhf_and_trl_reward_functions(server: LiveServer) -> None:
             completions=[" very good", " 4"],
             answer=["x", "y"],
         )
-        chat = trl(
-            prompts=[
-                [{"role": "user", "content": "the movie was"}],
-                [{"role": "user", "content": "2 + 2 ="}],
-            ],
-            completions=[
-                [{"role": "assistant", "content": " very good"}],
-                [{"role": "assistant", "content": " 4"}],
-            ],
-        )
     assert plain == pytest.approx([r.score for r in reference], abs=1e-6)
-    assert chat == plain
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_server(text_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tiny RM with its byte-level tokenizer, served with a plain-text chat template."""
+    template = tmp_path_factory.mktemp("chat") / "template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    model = load_reward_model(text_model_dir, device="cpu", dtype="float32")
+    with LiveServer(Settings(chat_template=str(template)), model=model) as live:
+        yield live.url
+
+
+def test_trl_conversations_go_as_messages(chat_server: str, text_model_dir: Path) -> None:
+    """TRL's chat format (turn lists, TRL >= 1 passes them for conversational datasets) is
+    rendered by the RM's chat template on the server, system turn and roles included: as TRL
+    renders it for a reward model it runs itself, never the turns' contents glued together."""
+    from transformers import AutoTokenizer
+
+    system = {"role": "system", "content": "Be kind."}
+    prompts = [[system, {"role": "user", "content": "the movie was"}]] * 2
+    completions = [
+        [{"role": "assistant", "content": " very good"}],
+        [
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": " very "}, {"type": "text", "text": "bad"}],
+            }
+        ],
+    ]
+    with RewardClient(chat_server) as client:
+        trl = trl_reward_func(client, AutoTokenizer.from_pretrained(text_model_dir))
+        scores = trl(prompts=prompts, completions=completions, completion_ids=[[5], [6]])
+        messages = [
+            Message(role="system", content="Be kind."),
+            Message(role="user", content="the movie was"),
+        ]
+        reference = client.rewards(
+            [RewardItem(messages=messages, response=r) for r in (" very good", " very bad")]
+        )
+        glued = client.rewards([RewardItem(prompt="Be kind.the movie was", response=" very good")])
+    assert scores == pytest.approx([r.score for r in reference], abs=1e-6)
+    assert scores[0] != pytest.approx(glued[0].score, abs=1e-6)
+
+
+def test_trl_empty_completions_are_unscorable(chat_server: str, text_model_dir: Path) -> None:
+    """A completion that is only EOS decodes to ''; the service needs one response token, so it
+    is None (TRL: unscorable, zero advantage) or the caller's ``empty``, and the others keep
+    their scores and their order."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_model_dir)
+    user = [{"role": "user", "content": "the movie was"}]
+    with RewardClient(chat_server) as client:
+        reference = client.rewards(
+            [(tokenizer.encode("a"), tokenizer.encode(" bad", add_special_tokens=False))]
+        )
+        trl = trl_reward_func(client, tokenizer)
+        plain = trl(prompts=["a", "a", "a"], completions=["", " bad", ""])
+        penalised = trl_reward_func(client, tokenizer, empty=-1.0)(
+            prompts=["a", "a"], completions=["", " bad"]
+        )
+        chat = trl(prompts=[user, user], completions=[[{"role": "assistant", "content": ""}]] * 2)
+    assert plain == [None, pytest.approx(reference[0].score, abs=1e-6), None]
+    assert penalised == [-1.0, pytest.approx(reference[0].score, abs=1e-6)]
+    assert chat == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "error"),
+    [
+        (
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}],
+            [{"role": "assistant", "content": "b"}],
+            "reads text only; a turn holds image, text",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "tool", "content": "42"}],
+            [{"role": "assistant", "content": "b"}],
+            "got 'tool'",
+        ),
+        ([{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}], "not 'user'"),
+        ("a", [{"role": "assistant", "content": "b"}], "completion is text"),
+        ([{"role": "user", "content": "a"}], "b", "list of chat turns"),
+    ],
+)
+def test_trl_refuses_what_the_rm_cannot_read(prompt: Any, completion: Any, error: str) -> None:
+    """Refused before anything is sent (the URL is never reached), never scored as something
+    else: images, tool turns, a completion that is not the assistant's."""
+    with RewardClient("http://127.0.0.1:9") as client:
+        trl = trl_reward_func(client, WordTokenizer())
+        with pytest.raises((ValueError, TypeError), match=error):
+            trl(prompts=[prompt], completions=[completion])
