@@ -21,3 +21,4 @@ def test_openrlhf_remote_rm_and_dense_compute_reward(
     assert len(report["rollout_rewards"]) == 4
     assert report["policy_tokens_rewarded"] > 20
     assert "/.venvs/openrlhf/" in report["openrlhf"]
+    assert report["refused_reward"] is None  # OpenRLHF drops it after 5 tries

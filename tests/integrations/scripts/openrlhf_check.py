@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -43,7 +44,7 @@ def chat(user: str) -> str:
     )
 
 
-SAMPLES = [
+SAMPLES: list[tuple[str, str]] = [
     (chat("Write a tweet about the weather."), "what a lovely sunny morning, so happy"),
     (chat("Review the hotel."), "the room was dirty and the wifi never worked"),
     (chat("How was the film?"), "Great film. I loved every minute!"),
@@ -76,12 +77,12 @@ def v1_rewards(items: list[dict[str, Any]], **options: Any) -> list[dict[str, An
     return got.json()["results"]
 
 
-async def rollouts(url: str) -> list[dict[str, Any]]:
+async def rollouts(url: str, samples: int = len(SAMPLES)) -> list[dict[str, Any]]:
     executor = SingleTurnAgentExecutor(remote_rm_url=[url])
     params = types.SimpleNamespace(max_tokens=64, logprobs=None)
     return [
         await executor.execute(prompt, "", params, 512, tokenizer, StandInEngine(response))
-        for prompt, response in SAMPLES
+        for prompt, response in SAMPLES[:samples]
     ]
 
 
@@ -190,5 +191,33 @@ kl = torch.rand(action_mask.shape, generator=generator) * action_mask
 shaped = dense_compute_reward(dense, 0.05, kl, action_mask=action_mask)
 assert torch.allclose(shaped + 0.05 * kl, dense, atol=1e-7)
 report["policy_tokens_rewarded"] = int(action_mask.sum())
+
+# The README's patch, run as written where OpenRLHF runs it (names as in experience_maker.py).
+readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+match = re.search(r"<!-- example: openrlhf-patch -->\n```python\n(.*?)```", readme, flags=re.S)
+assert match, "README has no openrlhf-patch example"
+with RewardClient(URL) as client:
+    namespace: dict[str, Any] = {
+        "client": client,
+        "experience": types.SimpleNamespace(
+            sequences=sequences, attention_mask=attention, action_mask=action_mask, kl=kl
+        ),
+        "self": types.SimpleNamespace(kl_ctl=types.SimpleNamespace(value=0.05)),
+        "args": types.SimpleNamespace(reward=types.SimpleNamespace(clip_range=None)),
+    }
+    exec(match.group(1).replace('"policy"', repr(POLICY)), namespace)
+assert torch.allclose(namespace["reward"], shaped, atol=1e-6)
+
+# A refused request: OpenRLHF retries it 5 times, logs the failure and leaves the sample
+# without a reward (None), as the README says.
+(refused,) = asyncio.run(rollouts(f"{URL}/get_reward?policy_tokenizer=not-loaded", 1))
+assert refused["reward"] is None, refused
+assert refused["scores"] is None
+report["refused_reward"] = refused["reward"]
+# The README's flag is the one OpenRLHF's PPO entry point defines.
+flag = re.search(r"# OpenRLHF: (--[\w.]+) 'http://rm:8000/get_reward", readme)
+assert flag, "README names no --reward.remote_url"
+cli = (Path(openrlhf.__file__).parent / "cli" / "train_ppo_ray.py").read_text()
+assert f'parser.add_argument("{flag.group(1)}"' in cli
 report["openrlhf"] = openrlhf.__file__
 print(json.dumps(report))
