@@ -44,6 +44,7 @@ test: system-deps lint typecheck
 # Our adapters inside the trainers' own packages (verl, TRL, OpenRLHF), each installed in its
 # own cached environment under .venvs/ (scripts/trainer-venv.sh), against a live server.
 integrations: $(STAMP)
+	scripts/trainer-venvs.sh
 	$(BIN)/pytest tests/integrations --durations=0 $(ARGS)
 
 # The container image and the compose stack for real, with podman (see deploy/README.md).
