@@ -3,7 +3,8 @@
 # tests/integrations/envs/NAME.txt (pinned, torch first so pip keeps the CPU/CUDA-agnostic
 # 2.13.0 instead of pulling a CUDA build), then NAME.nodeps.txt if there is one (packages whose
 # own requirements cannot be installed here, with --no-deps: the file says why), plus this
-# checkout's client on the path (it needs only httpx and pydantic, which the file lists).
+# checkout's client (and server) on the path (the client needs only httpx and pydantic, which
+# the file lists).
 # Rebuilt only when a file or this script changes; prints how long the install took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +26,10 @@ rm -rf "$venv"
 if [ -f "$nodeps" ]; then
     "$venv/bin/python" -m pip install --quiet --no-deps -r "$nodeps"
 fi
-# The client from this checkout (a path file, like an editable install, without a build in the
-# source tree that parallel builds would share).
+# This checkout's packages (a path file, like an editable install, without a build in the
+# source tree that parallel builds would share): the client, and the server for an environment
+# whose file installs the server's requirements.
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-echo "$PWD/client" > "$site/tokenreward-client.pth"
+printf '%s\n%s\n' "$PWD/client" "$PWD/service" > "$site/tokenreward.pth"
 echo "$key" > "$venv/.stamp"
 echo "trainer environment $name installed in $(( $(date +%s) - started )) s" >&2
