@@ -128,7 +128,7 @@ def create_app(
         metrics=metrics,
         api_keys=list(settings.api_keys),
         max_items=settings.max_items_per_request,
-        max_bytes=settings.max_request_bytes,
+        max_bytes=settings.request_bytes_limit,
         body_timeout_s=settings.body_timeout_s,
         max_inflight_bytes=settings.max_inflight_bytes,
         refusal_delay_s=settings.refusal_delay_s,

@@ -24,6 +24,10 @@ def _split_csv(value: object) -> object:
     return value
 
 
+MAX_BYTES_PER_TOKEN_ID = 8
+"""The most bytes a token ID takes in a compact JSON request (7 digits and a comma)."""
+
+
 class Settings(BaseSettings):
     """Validated service settings. Build with ``Settings()`` (environment) or keyword overrides."""
 
@@ -119,8 +123,13 @@ class Settings(BaseSettings):
     max_items_per_request: int = Field(
         default=4096, ge=1, description="Most items in one request; more gets 413."
     )
-    max_request_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1024, description="Largest request body; more gets 413."
+    max_request_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="Largest request body; more gets 413 before a byte of it is read. Unset: "
+        f"{MAX_BYTES_PER_TOKEN_ID} bytes per token of --max-queued-tokens (a token ID below 10M "
+        "takes at most 7 digits and a comma in JSON), so a request of token IDs that the queue "
+        "can hold fits, and one several times larger is refused unread.",
     )
     request_timeout_s: float = Field(
         default=120.0,
@@ -190,6 +199,13 @@ class Settings(BaseSettings):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+    @property
+    def request_bytes_limit(self) -> int:
+        """``max_request_bytes``, or what it is when unset (see its description)."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return max(1 << 20, MAX_BYTES_PER_TOKEN_ID * self.max_queued_tokens)
 
     @model_validator(mode="after")
     def _keys_are_not_blank(self) -> Self:

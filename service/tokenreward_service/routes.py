@@ -395,6 +395,11 @@ def build_router(state: AppState) -> APIRouter:
     router = APIRouter()
 
     def admit(tokens: int) -> None:
+        if tokens > state.max_queued_tokens:  # never fits: refused before validation
+            raise TooLarge(
+                f"request holds {tokens} token IDs, more than the queue bound "
+                f"({state.max_queued_tokens}); split it"
+            )
         error = state.queue_refusal(tokens, "the request holds")
         if error is not None:
             raise error
