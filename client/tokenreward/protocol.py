@@ -235,6 +235,25 @@ class ModelInfo(_Answer):
     policy_tokenizers: list[str] = Field(
         default_factory=list, description="Names a request may give as policy_tokenizer."
     )
+    format: str | None = Field(
+        default=None,
+        description="How the model folder was read: sequence-classification, openrlhf, "
+        "trl-value-head, custom-code or adapter.",
+    )
+    head: str | None = Field(
+        default=None,
+        description="What is read at every position: the linear head's name, or "
+        "'adapter <entry point>'.",
+    )
+    objective: str | None = Field(
+        default=None,
+        description="What a multi-objective head redistributes ('column 1', 'weights "
+        "0.5,0.5'); null for a one-output head.",
+    )
+    normalization: str | None = Field(
+        default=None,
+        description="'(score - mean) / std' when scores are normalised (OpenRLHF); null if not.",
+    )
 
 
 class ErrorBody(_Answer):

@@ -49,8 +49,15 @@ def load_model(settings: Settings) -> RewardModel:
         "suffix_ids": settings.suffix_ids,
         "share_prompts": settings.share_prompts,
     }
+    formats = {
+        "objective": settings.objective,
+        "objective_weights": settings.objective_weights,
+        "normalize_reward": settings.normalize_reward,
+        "trust_remote_code": settings.trust_remote_code,
+        "adapter": settings.adapter,
+    }
     if settings.model is not None:
-        return load_reward_model(settings.model, **common)  # type: ignore[arg-type]
+        return load_reward_model(settings.model, **common, **formats)  # type: ignore[arg-type]
     if (DEMO_MODEL / "config.json").is_file():
         log.info("no --model given: serving the embedded demo sentiment RM (%s)", DEMO_MODEL)
         return load_reward_model(DEMO_MODEL, **common)  # type: ignore[arg-type]

@@ -30,8 +30,8 @@ def _flag_type(annotation: Any) -> dict[str, Any]:
         return {"choices": list(typing.get_args(annotation))}
     if origin is list:
         return {"type": str, "metavar": "A,B,..."}
-    if annotation is bool:
-        return {"type": str, "metavar": "{true,false}"}
+    if annotation is bool:  # a bare --flag means true
+        return {"type": str, "metavar": "{true,false}", "nargs": "?", "const": "true"}
     if annotation in (int, float):
         return {"type": annotation}
     return {"type": str}

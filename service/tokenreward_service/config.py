@@ -37,8 +37,40 @@ class Settings(BaseSettings):
 
     model: str | None = Field(
         default=None,
-        description="Path of a local Hugging Face sequence-classification reward model "
-        "(num_labels=1). Unset: the embedded default model.",
+        description="Path of a local reward model folder: a Hugging Face sequence-"
+        "classification model, an OpenRLHF or TRL value-head checkpoint, or a custom "
+        "architecture (trust_remote_code, adapter). Unset: the embedded default model.",
+    )
+    objective: int | None = Field(
+        default=None,
+        ge=0,
+        description="Column of a multi-objective head (num_labels > 1) whose scores are "
+        "redistributed; such a model is refused without this or objective_weights. Each "
+        "column is a different reward: choose the one the policy should learn.",
+    )
+    objective_weights: Annotated[list[float] | None, NoDecode] = Field(
+        default=None,
+        description="Weights of the columns of a multi-objective head, comma separated: the "
+        "weighted sum is redistributed (one weight per column). Token rewards are linear in "
+        "them, so this equals the weighted sum of each objective's token rewards.",
+    )
+    normalize_reward: bool | None = Field(
+        default=None,
+        description="Normalise scores as OpenRLHF does, (score - mean) / std with mean and std "
+        "from config.json. Unset: config.json's normalize_reward. Token rewards scale by "
+        "1/std and the mean cancels in them; score and prompt_score move by -mean/std.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Load a model folder whose architecture is its own Python code (auto_map "
+        "in config.json). That code runs in the server with its rights: read it first.",
+    )
+    adapter: str | None = Field(
+        default=None,
+        description="Per-position scores from a Python function instead of a linear head: "
+        "'module:function' or 'file.py:function' (default function 'scores'), called as "
+        "f(model, input_ids, attention_mask) -> [batch, seq]. For heads that are not a "
+        "linear layer; items sharing a prompt then compute it each.",
     )
     host: str = Field(
         default="127.0.0.1",
@@ -192,6 +224,17 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("objective_weights", mode="before")
+    @classmethod
+    def _weights_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _one_objective(self) -> Self:
+        if self.objective is not None and self.objective_weights is not None:
+            raise ValueError("give objective or objective_weights, not both")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -4,8 +4,21 @@ A sequence-classification RM (``num_labels=1``) is a decoder with a linear ``sco
 HF reads at the last token. Running the decoder once and applying that same head (in float32)
 to every position's hidden state gives the score of every prefix at the cost of one forward
 pass; causality makes position ``i`` see exactly ``tokens[0..i]``, so the result equals running
-each prefix separately. Loading and checking a model is :mod:`tokenreward_service.loading`;
-this module knows nothing of HTTP or batching.
+each prefix separately. The head may also come from elsewhere (OpenRLHF's or TRL's value head,
+a column of a multi-objective head: :mod:`tokenreward_service.heads`), or an adapter may compute
+the scores itself (:mod:`tokenreward_service.adapters`). Loading and checking a model is
+:mod:`tokenreward_service.loading`; this module knows nothing of HTTP or batching.
+
+Memory stays linear in the tokens of a batch, so the batcher's token budget bounds it:
+
+- Rows are right-padded, and in a causal model no real position attends to the padding after
+  it, so the padding mask is not given to the decoder: without one, attention runs in its
+  fused causal kernels instead of materialising a ``[batch, 1, L, L]`` mask (the scores of
+  padded positions, which nobody reads, are all that changes).
+- A sliding-window model (Mistral, Qwen2 with ``use_sliding_window``) needs an explicit mask,
+  which transformers builds ``L x L``. Sequences longer than the window plus
+  :data:`SLIDING_CHUNK` run in chunks of that many tokens with the key/value cache, which for
+  sliding layers keeps only the window: the mask of a chunk is ``chunk x (window + chunk)``.
 """
 
 from __future__ import annotations
@@ -17,13 +30,21 @@ from typing import Any
 
 import torch
 
+from tokenreward_service.adapters import ScoreFunction
+from tokenreward_service.heads import LinearHead
+
+SLIDING_CHUNK = 1024
+"""Tokens per forward call of a long sequence through a sliding-window model."""
+
 __all__ = [
     "MIN_SHARED_PROMPT",
+    "SLIDING_CHUNK",
     "BatchScores",
     "ModelSpec",
     "RewardModel",
     "find_shared_prompts",
     "right_pad",
+    "sliding_window",
 ]
 
 
@@ -55,10 +76,24 @@ class ModelSpec:
     device: str
     suffix_ids: tuple[int, ...]
     random_weights: bool = False
+    format: str = "sequence-classification"
+    """How the folder was read (:mod:`tokenreward_service.formats`)."""
+    head: str = "score"
+    """The head read at every position, or ``adapter <entry point>``."""
+    objective: str | None = None
+    """The column or weighted sum of a multi-objective head that is redistributed."""
+    normalization: str | None = None
+    """``(score - mean) / std`` when the reward is normalised (OpenRLHF)."""
 
 
 class RewardModel:
-    """A loaded RM: ``score`` returns every position's score for a batch of sequences."""
+    """A loaded RM: ``score`` returns every position's score for a batch of sequences.
+
+    ``model`` is the loaded HF model; its ``base_model`` is the decoder. The scores are
+    ``head`` (default: a linear head from ``model.score``) read at every position of the
+    decoder's last hidden states, or, with ``adapter``, whatever that function returns for
+    ``model`` (and then no prompt is shared: that needs the decoder's cache).
+    """
 
     def __init__(
         self,
@@ -67,37 +102,78 @@ class RewardModel:
         tokenizer: Any | None = None,
         *,
         share_prompts: bool = True,
+        head: LinearHead | None = None,
+        adapter: ScoreFunction | None = None,
+        sliding_chunk: int = SLIDING_CHUNK,
     ) -> None:
         self._model = model
         self.spec = spec
         self.tokenizer = tokenizer
-        self.share_prompts = share_prompts
-        parameters = inspect.signature(model.base_model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
-        head = model.score
+        self._adapter = adapter
+        self.share_prompts = share_prompts and adapter is None
         self._device = torch.device(spec.device)
-        self._head_weight = head.weight.detach().to(torch.float32)
-        bias = getattr(head, "bias", None)
-        self._head_bias = None if bias is None else bias.detach().to(torch.float32)
+        self._backbone = model.base_model
+        self._head = head
+        if adapter is None and head is None:
+            self._head = LinearHead.from_module(model.score)
+        parameters = inspect.signature(self._backbone.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self._window = sliding_window(getattr(self._backbone, "config", None))
+        self.sliding_chunk = sliding_chunk
+        """Tokens per forward call when a sequence is long enough to run through a sliding
+        window in chunks (see the module's docstring)."""
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states ``[B, L, H]`` of the decoder, in the model's dtype."""
-        out = self._model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        )
+        """Last hidden states ``[B, L, H]`` of the decoder, in the model's dtype.
+
+        ``attention_mask`` must be right padding (ones, then zeros): it is not passed on,
+        since no real position of a causal model sees the padding after it (see the module's
+        docstring); positions past a row's end are junk.
+        """
+        del attention_mask
+        length = input_ids.shape[1]
+        if self._window is not None and length > self._window + self.sliding_chunk:
+            return self._chunked_hidden_states(input_ids)
+        out = self._backbone(input_ids=input_ids, use_cache=False)
         hidden: torch.Tensor = out.last_hidden_state
         return hidden
+
+    def _chunked_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder run :attr:`sliding_chunk` tokens at a time, each chunk against the cache
+        of those before it: the same hidden states, with masks no larger than a chunk by
+        (window + chunk) for sliding layers."""
+        cache = None
+        parts = []
+        for start in range(0, input_ids.shape[1], self.sliding_chunk):
+            extra: dict[str, Any] = {} if cache is None else {self._cache_kwarg: cache}
+            out = self._backbone(
+                input_ids=input_ids[:, start : start + self.sliding_chunk], use_cache=True, **extra
+            )
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            parts.append(out.last_hidden_state)
+        return torch.cat(parts, dim=1)
 
     def score_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, L]`` in float32 of right-padded ``input_ids``; padded positions are junk."""
         with torch.inference_mode():
+            if self._adapter is not None:
+                scores = self._adapter(self._model, input_ids, attention_mask)
+                if not isinstance(scores, torch.Tensor) or scores.shape != input_ids.shape:
+                    shape = getattr(scores, "shape", type(scores).__name__)
+                    raise ValueError(
+                        f"adapter {self.spec.head!r} returned {shape}, not scores shaped like "
+                        f"input_ids {tuple(input_ids.shape)}"
+                    )
+                return scores.to(torch.float32)
+            assert self._head is not None
             return self._head(self.hidden_states(input_ids, attention_mask))
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per-position float32 scores (on CPU) of each sequence, in one forward pass.
 
-        Sequences are right-padded to the longest with an attention mask, so a sequence's
-        scores do not depend on the others in the batch (up to float rounding).
+        Sequences are right-padded to the longest; causal attention never reaches the padding
+        after a row, so a sequence's scores do not depend on the others in the batch (up to
+        float rounding).
         """
         scores, _ = self._score_padded_batch(sequences)
         return scores
@@ -138,7 +214,7 @@ class RewardModel:
         whatever follows it.
         """
         groups, singles = (
-            find_shared_prompts(sequences, prompt_lens) if self.share_prompts else ([], [])
+            find_shared_prompts(sequences, prompt_lens) if self._can_share(sequences) else ([], [])
         )
         if not groups:
             scores, computed = self._score_padded_batch(sequences)
@@ -178,11 +254,13 @@ class RewardModel:
         ).cpu()
         return [scores[row, :n] for row, n in enumerate(lengths)], int(input_ids.numel())
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(
-            hidden.to(torch.float32), self._head_weight, self._head_bias
-        )
-        return logits.squeeze(-1)
+    def _can_share(self, sequences: Sequence[Sequence[int]]) -> bool:
+        """Sharing needs the decoder's cache (not with an adapter), and runs a prompt in one
+        pass (not for sequences long enough to need chunks through a sliding window)."""
+        if not self.share_prompts or self._head is None:
+            return False
+        longest = max((len(seq) for seq in sequences), default=0)
+        return self._window is None or longest <= self._window + self.sliding_chunk
 
     def _score_shared(
         self,
@@ -201,25 +279,27 @@ class RewardModel:
         plen = torch.tensor([prompt_lens[index] for index in members], dtype=torch.long)
         positions = plen.unsqueeze(1) + torch.arange(response_ids.shape[1]).unsqueeze(0)
         device = self._device
+        head = self._head
+        assert head is not None
         with torch.inference_mode():
-            first = self._model.base_model(
+            first = self._backbone(
                 input_ids=prompt_ids.to(device),
                 attention_mask=prompt_mask.to(device),
                 use_cache=True,
             )
-            prompt_scores = self._head(first.last_hidden_state).cpu()
+            prompt_scores = head(first.last_hidden_state).cpu()
             cache = (
                 first.cache if getattr(first, "cache", None) is not None else first.past_key_values
             )
             cache.reorder_cache(owner.to(device))  # one row of prompt keys/values per item
-            second = self._model.base_model(
+            second = self._backbone(
                 input_ids=response_ids.to(device),
                 attention_mask=torch.cat([prompt_mask[owner], response_mask], dim=1).to(device),
                 position_ids=positions.to(device),
                 use_cache=True,
                 **{self._cache_kwarg: cache},
             )
-            response_scores = self._head(second.last_hidden_state).cpu()
+            response_scores = head(second.last_hidden_state).cpu()
         out = {}
         for row, index in enumerate(members):
             g = int(owner[row])
@@ -251,6 +331,23 @@ def find_shared_prompts(
         else:
             singles.extend(members)
     return groups, sorted(singles)
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window of a model config, if any of its layers attends through one.
+
+    Mistral sets ``sliding_window`` for every layer; Qwen2 only with ``use_sliding_window``
+    (it then sets it, and ``layer_types`` names the layers); Gemma-style configs alternate.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list | tuple) and "sliding_attention" not in layer_types:
+        return None
+    return window
 
 
 def right_pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,10 @@ class RewardService:
             random_weights=s.random_weights,
             chat_template=self.preparer.chat_template is not None,
             policy_tokenizers=sorted(self.preparer.policies),
+            format=s.format,
+            head=s.head,
+            objective=s.objective,
+            normalization=s.normalization,
         )
 
     def check(self, request: RewardRequest, items: Sequence[Prepared]) -> None:
