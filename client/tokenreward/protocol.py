@@ -235,6 +235,10 @@ class ModelInfo(_Answer):
     policy_tokenizers: list[str] = Field(
         default_factory=list, description="Names a request may give as policy_tokenizer."
     )
+    encodings: list[str] = Field(
+        default_factory=lambda: ["application/json"],
+        description="Media types POST /v1/rewards reads and writes (Content-Type and Accept).",
+    )
     format: str | None = Field(
         default=None,
         description="How the model folder was read: sequence-classification, openrlhf, "

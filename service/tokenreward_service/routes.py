@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenreward import binary
 from tokenreward.protocol import (
     ERROR_STATUS,
     ErrorBody,
@@ -362,11 +363,30 @@ def parse_reward_request(
     try:
         return RewardRequest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        loc = first["loc"]
-        item = loc[1] if len(loc) >= 2 and loc[0] == "items" and isinstance(loc[1], int) else None
-        where = ".".join(str(part) for part in loc) or "body"
-        raise InvalidRequest(f"{where}: {first['msg']}", item=item) from None
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    """The first validation error, naming its item when it is in one."""
+    first = exc.errors(include_url=False)[0]
+    loc = first["loc"]
+    item = loc[1] if len(loc) >= 2 and loc[0] == "items" and isinstance(loc[1], int) else None
+    where = ".".join(str(part) for part in loc) or "body"
+    return InvalidRequest(f"{where}: {first['msg']}", item=item)
+
+
+def parse_binary_request(
+    body: bytes, max_items: int, admit: Callable[[int], None] | None = None
+) -> RewardRequest:
+    """:func:`parse_reward_request` for the binary encoding (:mod:`tokenreward.binary`)."""
+    try:
+        return binary.decode_request(body, max_items, admit)
+    except binary.TooManyItemsError as exc:
+        raise TooLarge(str(exc)) from None
+    except binary.BinaryFormatError as exc:
+        raise InvalidRequest(f"binary body: {exc}") from None
+    except ValidationError as exc:
+        raise _invalid(exc) from None
 
 
 def _id_count(items: list[Any]) -> int:
@@ -379,6 +399,10 @@ def _id_count(items: list[Any]) -> int:
                 if isinstance(ids, list):
                     count += len(ids)
     return count
+
+
+def _body(reply: Any) -> bytes:
+    return reply if isinstance(reply, bytes) else orjson.dumps(reply)
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -408,7 +432,10 @@ def build_router(state: AppState) -> APIRouter:
         request: Request,
         parse: Callable[[bytes], RewardRequest | None],
         reply: Callable[[RewardResponse | None], Any],
+        media_type: str = JSON,
     ) -> Response:
+        """Read, parse, score and answer; ``reply`` gives the body (bytes, or an object for
+        JSON)."""
         service = state.require_service()
         try:
             body = await _read_body(request, state)
@@ -420,7 +447,7 @@ def build_router(state: AppState) -> APIRouter:
         finally:
             state.inflight.give(body.reserved)
         if reward_request is None:  # nothing to score
-            return Response(orjson.dumps(reply(None)), media_type=JSON)
+            return Response(_body(reply(None)), media_type=media_type)
         try:
             result = await _unless_disconnected(service.rewards(reward_request), request.receive)
         except ServiceError as exc:
@@ -429,13 +456,25 @@ def build_router(state: AppState) -> APIRouter:
         if result is None:  # the client went away; its queued items were dropped
             return Response(status_code=499)
         state.metrics.items.inc(len(result.results))
-        return Response(orjson.dumps(reply(result)), media_type=JSON)
+        return Response(_body(reply(result)), media_type=media_type)
 
     @router.post("/v1/rewards", dependencies=guarded)
     async def rewards(request: Request) -> Response:
+        """JSON, or the binary encoding both ways as ``Content-Type``/``Accept`` name it."""
+        if binary.is_binary(request.headers.get("content-type")):
+            parse = parse_binary_request
+        else:
+            parse = parse_reward_request
+        if binary.is_binary(request.headers.get("accept")):
+            return await serve(
+                request,
+                lambda body: parse(body, state.max_items, admit),
+                lambda result: b"" if result is None else binary.encode_response(result),
+                binary.MEDIA_TYPE,
+            )
         return await serve(
             request,
-            lambda body: parse_reward_request(body, state.max_items, admit),
+            lambda body: parse(body, state.max_items, admit),
             lambda result: None if result is None else result.model_dump(mode="json"),
         )
 

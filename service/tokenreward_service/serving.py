@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tokenreward import binary
 from tokenreward.protocol import (
     ModelInfo,
     ModelRef,
@@ -77,6 +78,7 @@ class RewardService:
             random_weights=s.random_weights,
             chat_template=self.preparer.chat_template is not None,
             policy_tokenizers=sorted(self.preparer.policies),
+            encodings=["application/json", binary.MEDIA_TYPE],
             format=s.format,
             head=s.head,
             objective=s.objective,
