@@ -61,9 +61,7 @@ def _result(n: int, index: int, prefix: bool, prompt: bool) -> RewardResult:
     st.booleans(),
     st.booleans(),
 )
-def test_a_response_round_trips_bit_for_bit(
-    counts: list[int], prefix: bool, prompt: bool
-) -> None:
+def test_a_response_round_trips_bit_for_bit(counts: list[int], prefix: bool, prompt: bool) -> None:
     response = RewardResponse(
         model=ModelRef(id="m", revision="sha256:x"),
         results=[_result(n, i, prefix, prompt) for i, n in enumerate(counts)],
