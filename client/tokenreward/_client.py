@@ -149,7 +149,7 @@ class RewardClient(BaseRewardClient):
                 method,
                 url + path,
                 content=chunk.body or None,
-                headers=self.headers(chunk.request_id),
+                headers=self.headers(chunk.request_id, chunk.content_type),
                 timeout=step.timeout,
             ) as response:
                 parts = []
@@ -315,7 +315,7 @@ class AsyncRewardClient(BaseRewardClient):
                     method,
                     url + path,
                     content=chunk.body or None,
-                    headers=self.headers(chunk.request_id),
+                    headers=self.headers(chunk.request_id, chunk.content_type),
                     timeout=step.timeout,
                 ),
                 step.timeout,
