@@ -100,6 +100,12 @@ def _add_bench(commands: Any) -> None:
         help="instead of a model, an engine that waits as a device of RATE tokens/s would "
         "(e.g. 1e5,3e5,1e6,3e6): measures the host path alone; labelled as a simulation",
     )
+    bench.add_argument(
+        "--encoding",
+        choices=["json", "binary"],
+        default="json",
+        help="the wire encoding of requests and answers, with --url or --simulated-device",
+    )
 
 
 def _add_explain(commands: Any) -> None:
@@ -166,6 +172,12 @@ def _bench(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.encoding != "json" and args.url is None and rates is None:
+        print(
+            "tokenreward: --encoding applies to --url and --simulated-device runs",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(level=logging.WARNING)
     try:
         main_bench(
@@ -178,6 +190,7 @@ def _bench(args: argparse.Namespace) -> int:
             max_batch_tokens=args.max_batch_tokens,
             out=args.out,
             simulated_device=rates,
+            encoding=args.encoding,
         )
     except BenchUnavailable as exc:
         print(f"tokenreward: {exc}", file=sys.stderr)

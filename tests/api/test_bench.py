@@ -276,3 +276,25 @@ def test_bench_with_a_simulated_device_is_labelled_and_measured(
     assert 0 < mixed["service"]["model_busy_share"] <= 1.0
     assert cli_main(["bench", "--simulated-device", "fast"]) == 2
     assert cli_main(["bench", "--simulated-device", "1e6", "--url", "http://x"]) == 2
+    # The binary encoding both ways: every answer a 200 with one reward per token sent.
+    checked: list[str] = []
+    real_check = bench.runner.check_reward_counts
+
+    def check(request: Any, body: bytes, encoding: str = "json") -> None:
+        checked.append(encoding)
+        real_check(request, body, encoding)
+
+    monkeypatch.setattr(bench.runner, "check_reward_counts", check)
+    real_run = bench.runner.run_service
+    monkeypatch.setattr(
+        bench,
+        "run_service",
+        lambda *a, **k: real_run(*a, **{**k, "check_rewards": True}),
+    )
+    assert cli_main([*args, "--encoding", "binary"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["encoding"] == "binary"
+    assert report["simulated_device"]["rates"]["200000"]["mixed"]["service"]["errors"] == {}
+    assert checked
+    assert set(checked) == {"binary"}
+    assert cli_main(["bench", "--encoding", "binary"]) == 2  # only with --url or a simulation

@@ -111,8 +111,16 @@ def _model_info_when_ready(
     return info
 
 
-def _service(url: str, workload: Workload, runs: int, api_key: str | None = None) -> dict[str, Any]:
-    return _median([run_service(url, workload, api_key=api_key) for _ in range(runs)])
+def _service(
+    url: str,
+    workload: Workload,
+    runs: int,
+    api_key: str | None = None,
+    encoding: str = "json",
+) -> dict[str, Any]:
+    return _median(
+        [run_service(url, workload, api_key=api_key, encoding=encoding) for _ in range(runs)]
+    )
 
 
 def main_bench(
@@ -126,6 +134,7 @@ def main_bench(
     max_batch_tokens: int,
     out: str | None,
     simulated_device: list[float] | None = None,
+    encoding: str = "json",
 ) -> dict[str, Any]:
     from tokenreward_service.loading import load_reward_model
 
@@ -145,11 +154,17 @@ def main_bench(
         "runs": runs,
         "scale": scale,
         "max_batch_tokens": max_batch_tokens,
+        "encoding": encoding,
         "workloads": {},
     }
     if simulated_device:
         report["simulated_device"] = _simulated(
-            simulated_device, workloads, runs=runs, scale=scale, max_batch_tokens=max_batch_tokens
+            simulated_device,
+            workloads,
+            runs=runs,
+            scale=scale,
+            max_batch_tokens=max_batch_tokens,
+            encoding=encoding,
         )
         _emit(report, out)
         return report
@@ -158,7 +173,9 @@ def main_bench(
         for name in workloads:
             workload = make_workload(name, vocab_size=int(info["vocab_size"]), scale=scale)
             _log(f"{name}: {len(workload.items)} items, {workload.tokens} tokens against {url}")
-            report["workloads"][name] = {"service": _service(url, workload, runs, api_key)}
+            report["workloads"][name] = {
+                "service": _service(url, workload, runs, api_key, encoding=encoding)
+            }
         _emit(report, out)
         return report
 
@@ -225,7 +242,13 @@ SIMULATED_SECONDS = 3.0
 
 
 def _simulated(
-    rates: list[float], workloads: list[str], *, runs: int, scale: float, max_batch_tokens: int
+    rates: list[float],
+    workloads: list[str],
+    *,
+    runs: int,
+    scale: float,
+    max_batch_tokens: int,
+    encoding: str = "json",
 ) -> dict[str, Any]:
     """The real app and batcher in their own process around :class:`SimulatedDevice` (an
     engine that waits ``padded tokens / rate``), loaded from a separate client process: what
@@ -244,7 +267,7 @@ def _simulated(
                 base = make_workload(name, vocab_size=32000, scale=1.0)
                 grow = max(scale, SIMULATED_SECONDS * rate / base.tokens)
                 workload = make_workload(name, vocab_size=32000, scale=grow)
-                service = _service(spawned.url, workload, runs)
+                service = _service(spawned.url, workload, runs, encoding=encoding)
                 entry[name] = {
                     "items": len(workload.items),
                     "tokens": workload.tokens,

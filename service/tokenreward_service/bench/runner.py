@@ -27,6 +27,8 @@ import httpx
 import orjson
 import torch
 
+from tokenreward import binary
+from tokenreward.protocol import RewardRequest
 from tokenreward_service.bench.workloads import Workload
 from tokenreward_service.model import RewardModel
 from tokenreward_service.redistribution import redistribute
@@ -97,11 +99,15 @@ def request_bodies(workload: Workload) -> list[dict[str, Any]]:
     ]
 
 
-def check_reward_counts(request: Sequence[tuple[list[int], list[int]]], body: bytes) -> None:
+def check_reward_counts(
+    request: Sequence[tuple[list[int], list[int]]], body: bytes, encoding: str = "json"
+) -> None:
     """One reward per response token sent (the policy's tokens for a policy workload): a
     benchmark of wrong answers measures nothing, so a mismatch stops it."""
-    results = orjson.loads(body)["results"]
-    got = [len(result["token_rewards"]) for result in results]
+    if encoding == "binary":
+        got = [len(r.token_rewards) for r in binary.decode_response(body).results]
+    else:
+        got = [len(result["token_rewards"]) for result in orjson.loads(body)["results"]]
     sent = [len(response) for _, response in request]
     if got != sent:
         raise RuntimeError(f"rewards per item {got} != response tokens sent {sent}")
@@ -116,9 +122,11 @@ def run_service(
     seed: int = 0,
     check_rewards: bool = False,
     server_pid: int | None = None,
+    encoding: str = "json",
 ) -> dict[str, Any]:
     """Send ``workload`` to ``url``: closed loop from ``workload.concurrency`` clients, or open
     loop at ``rate`` requests/s (Poisson arrivals) for a latency measurement under load.
+    ``encoding`` ``"binary"`` sends and asks for the binary encoding instead of JSON.
 
     ``check_rewards`` parses every answer and raises unless each item has one reward per
     response token sent (it also reports the answers' size); ``server_pid`` adds the server
@@ -127,8 +135,16 @@ def run_service(
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    bodies = [orjson.dumps(body) for body in request_bodies(workload)]
-    before = _scrape(url, headers)
+    scrape = dict(headers)
+    before = _scrape(url, scrape)
+    if encoding == "binary":  # both ways (tokenreward.binary)
+        bodies = [
+            binary.encode_request(RewardRequest.model_validate(body))
+            for body in request_bodies(workload)
+        ]
+        headers = {**headers, "Content-Type": binary.MEDIA_TYPE, "Accept": binary.MEDIA_TYPE}
+    else:
+        bodies = [orjson.dumps(body) for body in request_bodies(workload)]
     cpu_before = None if server_pid is None else cpu_seconds(server_pid)
     machine_before, own_before = machine_cpu_seconds(), time.process_time()
     latencies: list[float] = []
@@ -147,7 +163,7 @@ def run_service(
         if status == "200":
             latencies.append(time.perf_counter() - started)
             if check_rewards:
-                check_reward_counts(workload.requests[index], response.content)
+                check_reward_counts(workload.requests[index], response.content, encoding)
                 received[0] += len(response.content)
         else:
             errors[status] = errors.get(status, 0) + 1
@@ -177,7 +193,7 @@ def run_service(
     started = time.perf_counter()
     asyncio.run(closed_loop() if rate is None else open_loop(rate))
     elapsed = time.perf_counter() - started
-    after = _scrape(url, headers)
+    after = _scrape(url, scrape)
     cpu_after = None if server_pid is None else cpu_seconds(server_pid)
     machine_after, own_after = machine_cpu_seconds(), time.process_time()
 
