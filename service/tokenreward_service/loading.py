@@ -149,8 +149,11 @@ def _adapter_positions(
 
 def _read_metadata(path: Path) -> dict[str, Any]:
     file = path / METADATA_FILE
-    if not file.is_file():
-        return {}
+    return _json_object(file) if file.is_file() else {}
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``, or a load error saying what is wrong with it."""
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -302,13 +305,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     file = folder / "config.json"
     if not file.is_file():
         raise ModelLoadError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{file} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{file} must hold a JSON object")
-    return data
+    return _json_object(file)
 
 
 def _load_weights(

