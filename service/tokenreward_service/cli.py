@@ -106,6 +106,13 @@ def _add_bench(commands: Any) -> None:
         default="json",
         help="the wire encoding of requests and answers, with --url or --simulated-device",
     )
+    bench.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="closed-loop clients instead of each workload's own (16), with --url or "
+        "--simulated-device",
+    )
 
 
 def _add_explain(commands: Any) -> None:
@@ -172,11 +179,16 @@ def _bench(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    if args.encoding != "json" and args.url is None and rates is None:
+    if (args.encoding != "json" or args.concurrency is not None) and (
+        args.url is None and rates is None
+    ):
         print(
-            "tokenreward: --encoding applies to --url and --simulated-device runs",
+            "tokenreward: --encoding and --concurrency apply to --url and --simulated-device runs",
             file=sys.stderr,
         )
+        return 2
+    if args.concurrency is not None and args.concurrency < 1:
+        print("tokenreward: --concurrency takes a positive number of clients", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -191,6 +203,7 @@ def _bench(args: argparse.Namespace) -> int:
             out=args.out,
             simulated_device=rates,
             encoding=args.encoding,
+            concurrency=args.concurrency,
         )
     except BenchUnavailable as exc:
         print(f"tokenreward: {exc}", file=sys.stderr)

@@ -298,3 +298,19 @@ def test_bench_with_a_simulated_device_is_labelled_and_measured(
     assert checked
     assert set(checked) == {"binary"}
     assert cli_main(["bench", "--encoding", "binary"]) == 2  # only with --url or a simulation
+    # Another number of closed-loop clients.
+    clients: list[int] = []
+    monkeypatch.setattr(
+        bench,
+        "run_service",
+        lambda url, workload, **k: (
+            clients.append(workload.concurrency),
+            real_run(url, workload, **k),
+        )[1],
+    )
+    assert cli_main([*args, "--concurrency", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["concurrency"] == 3
+    assert clients
+    assert set(clients) == {3}
+    assert cli_main(["bench", "--concurrency", "3"]) == 2
+    assert cli_main([*args, "--concurrency", "0"]) == 2

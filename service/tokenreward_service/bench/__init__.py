@@ -14,6 +14,7 @@ texts sent as the policy's (Llama 3.2) token IDs against the RM's own IDs, throu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -111,6 +112,13 @@ def _model_info_when_ready(
     return info
 
 
+def _clients(workload: Workload, concurrency: int | None) -> Workload:
+    """``workload`` sent by ``concurrency`` closed-loop clients instead of its own number."""
+    if concurrency is None:
+        return workload
+    return dataclasses.replace(workload, concurrency=concurrency)
+
+
 def _service(
     url: str,
     workload: Workload,
@@ -135,6 +143,7 @@ def main_bench(
     out: str | None,
     simulated_device: list[float] | None = None,
     encoding: str = "json",
+    concurrency: int | None = None,
 ) -> dict[str, Any]:
     from tokenreward_service.loading import load_reward_model
 
@@ -155,6 +164,7 @@ def main_bench(
         "scale": scale,
         "max_batch_tokens": max_batch_tokens,
         "encoding": encoding,
+        "concurrency": concurrency,
         "workloads": {},
     }
     if simulated_device:
@@ -165,13 +175,16 @@ def main_bench(
             scale=scale,
             max_batch_tokens=max_batch_tokens,
             encoding=encoding,
+            concurrency=concurrency,
         )
         _emit(report, out)
         return report
     if url is not None:
         info = _model_info_when_ready(url, api_key)
         for name in workloads:
-            workload = make_workload(name, vocab_size=int(info["vocab_size"]), scale=scale)
+            workload = _clients(
+                make_workload(name, vocab_size=int(info["vocab_size"]), scale=scale), concurrency
+            )
             _log(f"{name}: {len(workload.items)} items, {workload.tokens} tokens against {url}")
             report["workloads"][name] = {
                 "service": _service(url, workload, runs, api_key, encoding=encoding)
@@ -249,6 +262,7 @@ def _simulated(
     scale: float,
     max_batch_tokens: int,
     encoding: str = "json",
+    concurrency: int | None = None,
 ) -> dict[str, Any]:
     """The real app and batcher in their own process around :class:`SimulatedDevice` (an
     engine that waits ``padded tokens / rate``), loaded from a separate client process: what
@@ -266,7 +280,7 @@ def _simulated(
             for name in workloads:
                 base = make_workload(name, vocab_size=32000, scale=1.0)
                 grow = max(scale, SIMULATED_SECONDS * rate / base.tokens)
-                workload = make_workload(name, vocab_size=32000, scale=grow)
+                workload = _clients(make_workload(name, vocab_size=32000, scale=grow), concurrency)
                 service = _service(spawned.url, workload, runs, encoding=encoding)
                 entry[name] = {
                     "items": len(workload.items),
