@@ -62,10 +62,15 @@ class TooManyItemsError(BinaryFormatError):
 
 
 def is_binary(content_type: str | None) -> bool:
-    """Whether a ``Content-Type`` (or one entry of ``Accept``) names this encoding."""
+    """Whether a ``Content-Type`` (or an entry of ``Accept`` not weighted ``q=0``) names this
+    encoding."""
     if not content_type:
         return False
-    return any(part.split(";")[0].strip().lower() == MEDIA_TYPE for part in content_type.split(","))
+    for part in content_type.split(","):
+        kind, *params = (piece.strip().lower() for piece in part.split(";"))
+        if kind == MEDIA_TYPE and not any(p.replace(" ", "") in ("q=0", "q=0.0") for p in params):
+            return True
+    return False
 
 
 def _pack(kind: str, values: Any) -> bytes:

@@ -148,4 +148,5 @@ def test_media_type_negotiation() -> None:
     assert binary.is_binary(binary.MEDIA_TYPE)
     assert binary.is_binary(f"application/json, {binary.MEDIA_TYPE};q=0.9")
     assert not binary.is_binary("application/json")
+    assert not binary.is_binary(f"application/json, {binary.MEDIA_TYPE}; q=0")
     assert not binary.is_binary(None)
