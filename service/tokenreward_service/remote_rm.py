@@ -29,7 +29,7 @@ from tokenreward.protocol import RewardItem, RewardRequest, RewardResponse
 from tokenreward_service.errors import InvalidRequest, TooLarge
 from tokenreward_service.tokentext import TokenText
 
-__all__ = ["RemoteRMRequest", "answer", "parse_remote_rm_request"]
+__all__ = ["EMPTY", "RemoteRMRequest", "answer", "parse_remote_rm_request"]
 
 
 class RemoteRMRequest(BaseModel):
@@ -108,14 +108,16 @@ def parse_remote_rm_request(
     return RewardRequest(items=items, policy_tokenizer=policy_name)
 
 
-def answer(response: RewardResponse | None) -> dict[str, Any]:
+EMPTY: dict[str, Any] = {"rewards": [], "scores": [], "extra_logs": {}}
+"""The reply to empty lists."""
+
+
+def answer(response: RewardResponse) -> dict[str, Any]:
     """The reply OpenRLHF reads: one value per query in each list."""
-    results = response.results if response is not None else []
+    results = response.results
     scores = [r.score for r in results]
-    logs: dict[str, list[Any]] = {}
-    if results:
-        logs = {
-            "prompt_score": [r.prompt_score for r in results],
-            "response_tokens": [len(r.token_rewards) for r in results],
-        }
+    logs = {
+        "prompt_score": [r.prompt_score for r in results],
+        "response_tokens": [len(r.token_rewards) for r in results],
+    }
     return {"rewards": scores, "scores": scores, "extra_logs": logs}

@@ -431,11 +431,12 @@ def build_router(state: AppState) -> APIRouter:
     async def serve(
         request: Request,
         parse: Callable[[bytes], RewardRequest | None],
-        reply: Callable[[RewardResponse | None], Any],
+        reply: Callable[[RewardResponse], Any],
         media_type: str = JSON,
+        empty: Any = None,
     ) -> Response:
         """Read, parse, score and answer; ``reply`` gives the body (bytes, or an object for
-        JSON)."""
+        JSON); ``empty`` is the answer when ``parse`` finds nothing to score."""
         service = state.require_service()
         try:
             body = await _read_body(request, state)
@@ -447,7 +448,7 @@ def build_router(state: AppState) -> APIRouter:
         finally:
             state.inflight.give(body.reserved)
         if reward_request is None:  # nothing to score
-            return Response(_body(reply(None)), media_type=media_type)
+            return Response(_body(empty), media_type=media_type)
         try:
             result = await _unless_disconnected(service.rewards(reward_request), request.receive)
         except ServiceError as exc:
@@ -461,21 +462,14 @@ def build_router(state: AppState) -> APIRouter:
     @router.post("/v1/rewards", dependencies=guarded)
     async def rewards(request: Request) -> Response:
         """JSON, or the binary encoding both ways as ``Content-Type``/``Accept`` name it."""
-        if binary.is_binary(request.headers.get("content-type")):
-            parse = parse_binary_request
-        else:
-            parse = parse_reward_request
-        if binary.is_binary(request.headers.get("accept")):
-            return await serve(
-                request,
-                lambda body: parse(body, state.max_items, admit),
-                lambda result: b"" if result is None else binary.encode_response(result),
-                binary.MEDIA_TYPE,
-            )
+        binary_in = binary.is_binary(request.headers.get("content-type"))
+        parse = parse_binary_request if binary_in else parse_reward_request
+        binary_out = binary.is_binary(request.headers.get("accept"))
         return await serve(
             request,
             lambda body: parse(body, state.max_items, admit),
-            lambda result: None if result is None else result.model_dump(mode="json"),
+            binary.encode_response if binary_out else lambda r: r.model_dump(mode="json"),
+            binary.MEDIA_TYPE if binary_out else JSON,
         )
 
     @router.post("/get_reward", dependencies=guarded)
@@ -487,6 +481,7 @@ def build_router(state: AppState) -> APIRouter:
             request,
             lambda body: remote_rm.parse_remote_rm_request(body, state.max_items, policies, name),
             remote_rm.answer,
+            empty=remote_rm.EMPTY,
         )
 
     @router.get("/v1/model", dependencies=guarded)

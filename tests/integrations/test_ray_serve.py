@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import secrets
-import signal
 import socket
 import subprocess
 import tempfile
@@ -32,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from tests.integrations.conftest import ROOT, run_in, trainer_python
 from tokenreward.protocol import RewardRequest
-from tokenreward_service.bench.runner import SpawnedServer
+from tokenreward_service.bench.runner import SpawnedServer, stop_process
 from tokenreward_service.errors import ModelLoadError
 from tokenreward_service.ray_serve import (
     DEFAULT_OPTIONS,
@@ -320,12 +319,7 @@ def ray_head(venv: Path, env: dict[str, str]) -> Iterator[str]:
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        stop_process(head)
 
 
 @pytest.mark.slow

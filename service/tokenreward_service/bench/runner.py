@@ -46,6 +46,7 @@ __all__ = [
     "run_inprocess",
     "run_service",
     "spawn_server",
+    "stop_process",
 ]
 
 BENCH_MODEL_SIZES: dict[str, Any] = {
@@ -379,13 +380,19 @@ def spawn_server(
                 time.sleep(0.1)
             yield SpawnedServer(url, proc)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def cpu_seconds(pid: int) -> float | None:
