@@ -4,7 +4,9 @@ Items wait in one queue. A scheduler task closes a batch when the queue holds a 
 budget, or after a short wait, whichever comes first; it anchors the batch on the oldest item
 (no starvation) and adds the items closest to it in length (little padding), under the budget
 (padded cost = longest x count) and a size cap. The forward pass runs on one dedicated thread, so
-the event loop keeps accepting, timing out and rejecting while the model works. Admission is
+the event loop keeps accepting, timing out and rejecting while the model works. The next batch
+is handed to that thread shortly before the running one is expected to end, so the device goes
+from one to the next without waiting for the event loop to come round. Admission is
 bounded by queued tokens: past the bound a request is refused at once with
 :class:`~tokenreward_service.errors.Overloaded` rather than queued without limit.
 
@@ -64,6 +66,12 @@ class BatcherConfig:
     below this; 0 fills the budget whatever the padding."""
     group_prompts: bool = True
     """Put items that share the anchor's prompt in its batch first (the engine shares it)."""
+    handover_s: float = 0.005
+    """The next batch is closed and queued on the inference thread this long before the
+    running one is expected to end (from the device's measured seconds per padded token), so
+    the thread starts it at once instead of waiting for the event loop to come round, which
+    under load takes a millisecond or more while the device idles. Closing it earlier only
+    takes items out of reach of those still arriving."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,19 @@ class _Pending:
     def __post_init__(self) -> None:
         self.length = len(self.job.tokens)
         self.prompt_key = tuple(self.job.tokens[: self.job.prompt_len])
+
+
+@dataclass(eq=False)
+class _Running:
+    """A batch handed to the inference thread."""
+
+    items: list[_Pending]
+    padded: int
+    """Its padded size (longest x count), for the estimate of when it ends."""
+    queued: float
+    started: float | None = None
+    """When the thread began it (None while it waits behind the running one)."""
+    elapsed: float = 0.0
 
 
 @dataclass(eq=False)
@@ -280,8 +301,10 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._failed = False
-        self._in_flight: list[_Pending] = []
+        self._running: list[_Running] = []
+        self._crash: BaseException | None = None
         self._tokens_per_s = 0.0
+        self._s_per_padded = 0.0
         self._budget = config.max_batch_tokens
         self._requests = 0
 
@@ -457,14 +480,24 @@ class Batcher:
         self._report_queue()
         return batch
 
-    def _ready_to_close(self, first_seen: float) -> bool:
+    def _close_at(self, first_seen: float) -> float:
+        """When the next batch closes: at once when closing or when the queue holds a full
+        batch, else when the oldest item has waited ``max_wait_s``; with a batch running, not
+        before ``handover_s`` ahead of its expected end (never, while no rate is known:
+        the end of the running batch wakes the scheduler)."""
         if self._closing:
-            return True
-        longest = self._queue.longest()
-        full = longest * len(self._queue) >= self._budget or (
+            return -math.inf
+        at = first_seen + self._config.max_wait_s
+        if self._queue.longest() * len(self._queue) >= self._budget or (
             len(self._queue) >= self._config.max_batch_size
-        )
-        return full or self._clock() - first_seen >= self._config.max_wait_s
+        ):
+            at = -math.inf
+        for running in self._running:
+            if not self._s_per_padded:
+                return math.inf
+            start = running.queued if running.started is None else running.started
+            at = max(at, start + running.padded * self._s_per_padded - self._config.handover_s)
+        return at
 
     async def _run(self) -> None:
         """The scheduler; should it ever fail, every waiting caller gets an error, not a hang."""
@@ -477,14 +510,15 @@ class Batcher:
                 "the batch scheduler failed: failing %d waiting and %d in-flight items; the "
                 "process must be restarted (liveness now fails)",
                 len(self._queue),
-                len(self._in_flight),
+                sum(len(r.items) for r in self._running),
             )
             self._failed = True
             self._closing = True
-            for item in [*self._in_flight, *self._queue]:
+            in_flight = [item for running in self._running for item in running.items]
+            for item in [*in_flight, *self._queue]:
                 if not item.future.done():
                     item.future.set_exception(InternalError("the batch scheduler failed"))
-            self._in_flight = []
+            self._running = []
             for item in list(self._queue):
                 self._queue.remove(item)
             self._queued_tokens = 0
@@ -494,8 +528,11 @@ class Batcher:
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
-                if self._closing:
+            if self._crash is not None:
+                raise self._crash
+            # One batch runs and at most one waits behind it on the inference thread.
+            if not self._queue or len(self._running) > 1:
+                if self._closing and not self._queue and not self._running:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -503,37 +540,53 @@ class Batcher:
             oldest = self._queue.oldest()
             assert oldest is not None
             first_seen = oldest.enqueued  # the oldest item's wait counts, not ours
-            while not self._ready_to_close(first_seen):
-                self._wakeup.clear()
+            close_at = self._close_at(first_seen)
+            if self._clock() < close_at:
+                self._wakeup.clear()  # new items, or the running batch's end, re-decide
+                timeout = None if close_at == math.inf else close_at - self._clock()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    remaining = self._config.max_wait_s - (self._clock() - first_seen)
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=max(remaining, 0.0))
-            batch = self._take_batch()
-            if not batch:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
                 continue
-            self._in_flight = batch
-            self._finish(batch, await self._forward(loop, batch))
-            self._in_flight = []
+            batch = self._take_batch()
+            if batch:
+                self._launch(loop, batch)
 
-    async def _forward(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]
-    ) -> tuple[BatchScores, float, float] | None:
-        """Run one batch on the inference thread; a model failure fails this batch only."""
-        started = self._clock()
+    def _launch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        """Queue ``batch`` on the inference thread; it lands in :meth:`_landed`."""
+        running = _Running(batch, max(p.length for p in batch) * len(batch), self._clock())
+        self._running.append(running)
+        future = loop.run_in_executor(self._executor, self._forward, running)
+        future.add_done_callback(lambda done: self._landed(running, done))
+
+    def _forward(self, running: _Running) -> BatchScores:
+        """On the inference thread: one forward pass, timed where it runs."""
+        running.started = self._clock()
         try:
-            scored = await loop.run_in_executor(
-                self._executor,
-                self._engine.score_batch,
-                [p.job.tokens for p in batch],
-                [p.job.prompt_len for p in batch],
+            return self._engine.score_batch(
+                [p.job.tokens for p in running.items], [p.job.prompt_len for p in running.items]
             )
-        except Exception as exc:  # the model failed: fail this batch, keep serving
-            log.exception("forward pass failed for a batch of %d", len(batch))
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(InternalError(f"forward pass failed: {exc}"))
-            return None
-        return scored, started, self._clock() - started
+        finally:
+            running.elapsed = self._clock() - running.started
+
+    def _landed(self, running: _Running, done: asyncio.Future[BatchScores]) -> None:
+        """On the event loop, when a batch is back: a model failure fails that batch only;
+        anything failing here is the scheduler's failure (it is raised there)."""
+        try:
+            self._running.remove(running)
+            self._wakeup.set()
+            batch = running.items
+            error = None if done.cancelled() else done.exception()
+            if done.cancelled() or error is not None:
+                log.error("forward pass failed for a batch of %d", len(batch), exc_info=error)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(InternalError(f"forward pass failed: {error}"))
+                return
+            assert running.started is not None
+            self._finish(batch, (done.result(), running.started, running.elapsed))
+        except BaseException as exc:
+            self._crash = exc
+            self._running.append(running)  # its callers are failed with the rest
 
     def _finish(self, batch: list[_Pending], ran: tuple[BatchScores, float, float] | None) -> None:
         """Hand each caller its scores. An engine answering with the wrong number of results
@@ -560,6 +613,12 @@ class Batcher:
             rate = real / elapsed
             self._tokens_per_s = (
                 rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+            )
+            per_padded = elapsed / (max(p.length for p in batch) * len(batch))
+            self._s_per_padded = (
+                per_padded
+                if not self._s_per_padded
+                else 0.8 * self._s_per_padded + 0.2 * per_padded
             )
         if self._on_batch is None:
             return

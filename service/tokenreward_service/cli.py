@@ -113,6 +113,13 @@ def _add_bench(commands: Any) -> None:
         help="closed-loop clients instead of each workload's own (16), with --url or "
         "--simulated-device",
     )
+    bench.add_argument(
+        "--request-items",
+        type=int,
+        default=None,
+        help="items per request instead of each workload's own (mixed 8, group 8, long 4), "
+        "with --url or --simulated-device",
+    )
 
 
 def _add_explain(commands: Any) -> None:
@@ -179,16 +186,19 @@ def _bench(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    if (args.encoding != "json" or args.concurrency is not None) and (
-        args.url is None and rates is None
-    ):
+    shaped = args.encoding != "json" or args.concurrency is not None
+    if (shaped or args.request_items is not None) and (args.url is None and rates is None):
         print(
-            "tokenreward: --encoding and --concurrency apply to --url and --simulated-device runs",
+            "tokenreward: --encoding, --concurrency and --request-items apply to --url and "
+            "--simulated-device runs",
             file=sys.stderr,
         )
         return 2
     if args.concurrency is not None and args.concurrency < 1:
         print("tokenreward: --concurrency takes a positive number of clients", file=sys.stderr)
+        return 2
+    if args.request_items is not None and args.request_items < 1:
+        print("tokenreward: --request-items takes a positive number of items", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -204,6 +214,7 @@ def _bench(args: argparse.Namespace) -> int:
             simulated_device=rates,
             encoding=args.encoding,
             concurrency=args.concurrency,
+            request_items=args.request_items,
         )
     except BenchUnavailable as exc:
         print(f"tokenreward: {exc}", file=sys.stderr)

@@ -314,3 +314,20 @@ def test_bench_with_a_simulated_device_is_labelled_and_measured(
     assert set(clients) == {3}
     assert cli_main(["bench", "--concurrency", "3"]) == 2
     assert cli_main([*args, "--concurrency", "0"]) == 2
+    # Other request sizes: the same items, in order, 5 to a request.
+    shapes: list[tuple[list[int], list[tuple[list[int], list[int]]]]] = []
+    monkeypatch.setattr(
+        bench,
+        "run_service",
+        lambda url, workload, **k: (
+            shapes.append(([len(r) for r in workload.requests], workload.items)),
+            real_run(url, workload, **k),
+        )[1],
+    )
+    assert cli_main([*args, "--request-items", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["request_items"] == 5
+    (sizes, items), *_ = shapes
+    assert sizes == [5] * (len(items) // 5) + ([len(items) % 5] if len(items) % 5 else [])
+    assert items == make_workload("mixed", vocab_size=32000, scale=len(items) / 512).items
+    assert cli_main(["bench", "--request-items", "5"]) == 2
+    assert cli_main([*args, "--request-items", "0"]) == 2

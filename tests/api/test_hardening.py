@@ -307,3 +307,46 @@ def test_a_load_generator_waits_for_a_loading_server(
         gate.set()
         waiter.join(60)
     assert found[0]["vocab_size"] == llama.spec.vocab_size
+
+
+def test_small_requests_are_handled_on_the_loop_and_big_ones_on_worker_threads(
+    llama: RewardModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handing work to a thread costs the event loop about a millisecond under load, more than
+    parsing and preparing a small request; a big one (or a tokenizer's work) still leaves the
+    loop, so it cannot stall the probes and the other requests."""
+    from tokenreward_service import routes
+    from tokenreward_service.conversations import Preparer
+    from tokenreward_service.serving import INLINE_BODY_BYTES, INLINE_TOKENS
+
+    where: list[tuple[str, bool]] = []
+    parse, prepare = routes.parse_reward_request, Preparer.prepare
+
+    def on_thread() -> bool:
+        return threading.current_thread().name.startswith("asyncio_")
+
+    def parse_where(*args: object, **kwargs: object) -> object:
+        where.append(("parse", on_thread()))
+        return parse(*args, **kwargs)  # type: ignore[arg-type]
+
+    def prepare_where(self: Preparer, request: object) -> object:
+        where.append(("prepare", on_thread()))
+        return prepare(self, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(routes, "parse_reward_request", parse_where)
+    monkeypatch.setattr(Preparer, "prepare", prepare_where)
+
+    def items(count: int, length: int) -> list[dict[str, list[int]]]:
+        ids = [(i * 7) % 90 + 3 for i in range(length)]
+        return [{"prompt_ids": ids, "response_ids": ids} for _ in range(count)]
+
+    small = {"items": items(8, 60)}
+    big = {"items": items(180, 60)}  # 21,600 token IDs, about 150 KB of JSON
+    assert len(orjson.dumps(small)) <= INLINE_BODY_BYTES < len(orjson.dumps(big))
+    assert 8 * 120 <= INLINE_TOKENS < 180 * 120
+    with LiveServer(Settings(), model=llama) as server:
+        for body, count in ((small, 8), (big, 180)):
+            answer = httpx.post(f"{server.url}/v1/rewards", json=body, timeout=120)
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["results"]) == count
+    assert where == [("parse", False), ("prepare", False), ("parse", True), ("prepare", True)]

@@ -431,3 +431,67 @@ def test_retry_after_is_the_time_until_the_request_fits() -> None:
         await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_the_next_batch_is_handed_over_before_the_running_one_ends() -> None:
+    """Once the device's speed is known, the next batch waits on the inference thread before
+    the running one ends, so the thread starts it without the event loop; before that (no
+    rate seen yet) a batch is closed only after the running one is back."""
+
+    async def main() -> None:
+        engine = RecordingEngine(delay_s=0.3)
+        batcher = await started(engine, max_batch_size=1, max_wait_s=0, handover_s=0.2)
+        queued_at_end: list[int] = []
+        real_score = engine.score_batch
+
+        def score(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> BatchScores:
+            out = real_score(sequences, prompt_lens)
+            queued_at_end.append(batcher.queued_items)  # what is still in the queue then
+            return out
+
+        engine.score_batch = score  # type: ignore[method-assign]
+        # No rate yet: the second item stays queued until the first batch is back.
+        await batcher.submit([seq(5), seq(5)], timeout_s=30)
+        assert queued_at_end == [1, 0]
+        # The rate is known (0.3 s per 5 padded tokens): while the first of three runs, the
+        # second is taken 0.2 s before its expected end, and so on (one at a time: when each
+        # ends, the one after next is still queued). Without the hand-over: [2, 1, 0].
+        queued_at_end.clear()
+        await batcher.submit([seq(5), seq(5), seq(5)], timeout_s=30)
+        assert queued_at_end == [1, 0, 0]
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_a_batch_waiting_behind_the_running_one_is_answered_and_failures_stay_its_own() -> None:
+    """Two batches on the thread at once: each caller gets its own scores, a failing forward
+    pass fails only its own batch, and stop() waits for both."""
+
+    async def main() -> None:
+        gate = threading.Event()
+        gate.set()
+        engine = RecordingEngine(delay_s=0.05, gate=gate)
+        batcher = await started(engine, max_batch_size=2, max_wait_s=0, handover_s=1.0)
+        await batcher.submit([seq(4)], timeout_s=30)  # a rate is seen
+        gate.clear()  # the next batch is held in the engine until the gate opens
+        engine.fail_next = True  # and fails
+        first = asyncio.ensure_future(
+            batcher.submit([seq(3, start=1), seq(3, start=7)], timeout_s=30)
+        )
+        await until(lambda: engine.entered == 2)
+        second = asyncio.ensure_future(batcher.submit([seq(6, start=50)], timeout_s=30))
+        await until(lambda: batcher.queued_items == 0)  # handed over while the first runs
+        assert engine.entered == 2
+        gate.set()
+        with pytest.raises(InternalError, match="boom"):
+            await first
+        (scores,) = await second
+        assert scores.tolist() == torch.cumsum(torch.arange(50.0, 56.0), 0).tolist()
+        third = asyncio.ensure_future(batcher.submit([seq(2)], timeout_s=30))
+        await until(lambda: batcher.queued_items == 1 or engine.entered == 4)  # admitted
+        await batcher.stop()
+        assert len(await third) == 1
+        assert not batcher.failed
+
+    asyncio.run(main())

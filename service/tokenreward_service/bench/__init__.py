@@ -112,11 +112,18 @@ def _model_info_when_ready(
     return info
 
 
-def _clients(workload: Workload, concurrency: int | None) -> Workload:
-    """``workload`` sent by ``concurrency`` closed-loop clients instead of its own number."""
-    if concurrency is None:
-        return workload
-    return dataclasses.replace(workload, concurrency=concurrency)
+def _clients(
+    workload: Workload, concurrency: int | None, request_items: int | None = None
+) -> Workload:
+    """``workload`` sent by ``concurrency`` closed-loop clients instead of its own number, in
+    requests of ``request_items`` items instead of its own (the same items, in order)."""
+    if concurrency is not None:
+        workload = dataclasses.replace(workload, concurrency=concurrency)
+    if request_items is not None:
+        items = workload.items
+        requests = [items[i : i + request_items] for i in range(0, len(items), request_items)]
+        workload = dataclasses.replace(workload, requests=requests)
+    return workload
 
 
 def _service(
@@ -144,6 +151,7 @@ def main_bench(
     simulated_device: list[float] | None = None,
     encoding: str = "json",
     concurrency: int | None = None,
+    request_items: int | None = None,
 ) -> dict[str, Any]:
     from tokenreward_service.loading import load_reward_model
 
@@ -165,6 +173,7 @@ def main_bench(
         "max_batch_tokens": max_batch_tokens,
         "encoding": encoding,
         "concurrency": concurrency,
+        "request_items": request_items,
         "workloads": {},
     }
     if simulated_device:
@@ -176,6 +185,7 @@ def main_bench(
             max_batch_tokens=max_batch_tokens,
             encoding=encoding,
             concurrency=concurrency,
+            request_items=request_items,
         )
         _emit(report, out)
         return report
@@ -183,7 +193,9 @@ def main_bench(
         info = _model_info_when_ready(url, api_key)
         for name in workloads:
             workload = _clients(
-                make_workload(name, vocab_size=int(info["vocab_size"]), scale=scale), concurrency
+                make_workload(name, vocab_size=int(info["vocab_size"]), scale=scale),
+                concurrency,
+                request_items,
             )
             _log(f"{name}: {len(workload.items)} items, {workload.tokens} tokens against {url}")
             report["workloads"][name] = {
@@ -263,6 +275,7 @@ def _simulated(
     max_batch_tokens: int,
     encoding: str = "json",
     concurrency: int | None = None,
+    request_items: int | None = None,
 ) -> dict[str, Any]:
     """The real app and batcher in their own process around :class:`SimulatedDevice` (an
     engine that waits ``padded tokens / rate``), loaded from a separate client process: what
@@ -280,7 +293,9 @@ def _simulated(
             for name in workloads:
                 base = make_workload(name, vocab_size=32000, scale=1.0)
                 grow = max(scale, SIMULATED_SECONDS * rate / base.tokens)
-                workload = _clients(make_workload(name, vocab_size=32000, scale=grow), concurrency)
+                workload = _clients(
+                    make_workload(name, vocab_size=32000, scale=grow), concurrency, request_items
+                )
                 service = _service(spawned.url, workload, runs, encoding=encoding)
                 entry[name] = {
                     "items": len(workload.items),

@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--max-batch-tokens", type=int, default=Settings().max_batch_tokens)
     parser.add_argument("--max-queued-tokens", type=int, default=Settings().max_queued_tokens)
+    parser.add_argument(
+        "--min-padding-efficiency", type=float, default=Settings().min_padding_efficiency
+    )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--shutdown-delay-s", type=float, default=0.0)
     args = parser.parse_args(argv)
@@ -96,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutdown_delay_s=args.shutdown_delay_s,
         max_batch_tokens=args.max_batch_tokens,
         max_queued_tokens=args.max_queued_tokens,
+        min_padding_efficiency=args.min_padding_efficiency,
     )
     sys.setswitchinterval(0.001)  # as `tokenreward serve` runs
     model = SimulatedDevice(args.rate, vocab_size=args.vocab_size)
