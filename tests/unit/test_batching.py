@@ -450,6 +450,7 @@ def test_the_next_batch_is_handed_over_before_the_running_one_ends() -> None:
             return out
 
         engine.score_batch = score  # type: ignore[method-assign]
+        assert BatcherConfig().handover_s == 0.005  # the README's "5 ms before"
         # No rate yet: the second item stays queued until the first batch is back.
         await batcher.submit([seq(5), seq(5)], timeout_s=30)
         assert queued_at_end == [1, 0]

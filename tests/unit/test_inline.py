@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tokenreward.protocol import RewardRequest
-from tokenreward_service.serving import INLINE_TOKENS, inline
+from tokenreward_service.serving import INLINE_BODY_BYTES, INLINE_TOKENS, inline
 
 IDS = {"prompt_ids": [1, 2, 3], "response_ids": [4, 5]}
 
@@ -33,3 +33,8 @@ def test_only_small_requests_of_token_ids_are_prepared_on_the_loop(
     body: dict[str, Any], expected: bool
 ) -> None:
     assert inline(RewardRequest.model_validate(body)) is expected
+
+
+def test_the_bounds_are_the_readmes() -> None:
+    """The README: "a body over 64 KiB or a request of more than 16,384 token IDs"."""
+    assert (INLINE_BODY_BYTES, INLINE_TOKENS) == (64 * 1024, 16_384)
