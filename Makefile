@@ -47,7 +47,8 @@ integrations: $(STAMP)
 	scripts/trainer-venvs.sh
 	$(BIN)/pytest tests/integrations --durations=0 $(ARGS)
 
-# The container image and the compose stack for real, with podman (see deploy/README.md).
+# The container image, the compose stack and the Ray image for real, with podman (see
+# deploy/README.md).
 e2e: $(STAMP)
 	scripts/system-deps.sh e2e
 	deploy/e2e/run.sh

@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# End-to-end run of the container image and of the compose stack with podman, on a machine
-# that reaches no container registry:
+# End-to-end run of the container images (the server's and the Ray image) and of the compose
+# stack with podman, on a machine that reaches no container registry:
 #
 #   1. base       a Debian bookworm base image made with debootstrap (python3, python3-venv)
-#   2. wheelhouse torch==2.13.0 and the project's server dependencies, downloaded on the host
+#   2. wheelhouse torch==2.13.0 and the project's server and ray dependencies, downloaded on
+#                 the host
 #   3. build      the Dockerfile, from that base and wheelhouse, installing offline
 #   4. container  the image alone: embedded default model; a mounted model with an API key;
 #                 its health check; a graceful stop
-#   5. compose    docker-compose.yml + docker-compose.ci.yml with podman-compose: tokenreward,
+#   5. ray-build  the Ray image (deploy/ray/Containerfile) FROM that image, offline too
+#   6. ray        the Ray image as KubeRay runs a head node (bash -lc "ulimit ...; ray start
+#                 --head --block"): deploy/ray/rayservice.yaml's probes; Serve's proxy's own
+#                 404, reshaped by the proxy middleware; a CPU variant of deploy/ray/serve.yaml
+#                 sent with `serve deploy` (the dashboard's REST API, as KubeRay sends
+#                 serveConfigV2): the server image's rewards, one per response token, and the
+#                 replica's /metrics; then SIGTERM ends the node
+#   7. compose    docker-compose.yml + docker-compose.ci.yml with podman-compose: tokenreward,
 #                 Prometheus (Debian's package in a local image) and the load generator; then
 #                 every dashboard expression evaluated against that Prometheus
 #
 # Needs, as root: apt-get install -y podman runc debootstrap; a Python 3.11 for the wheelhouse
-# (the base's Python is 3.11). Host networking only; everything listens on 127.0.0.1. Compose
-# uses the ports 8000 and 9090, which must be free.
+# (the base's Python is 3.11). Host networking only; the servers listen on 127.0.0.1 (Ray's
+# internal services on free ports of every interface, as Ray binds them). Compose uses the
+# ports 8000 and 9090, which must be free.
 #
 #   deploy/e2e/run.sh [STEP...]      # default: all steps; finished artefacts are reused
 #
@@ -28,6 +37,7 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE_IMAGE=localhost/tokenreward-base:bookworm
 IMAGE=localhost/tokenreward:e2e
+RAY_IMAGE=localhost/tokenreward-ray:e2e
 PROMETHEUS_IMAGE=localhost/tokenreward-e2e-prometheus:latest
 PROJECT=tokenreward-e2e
 export CONTAINERS_CONF="$REPO/deploy/e2e/containers.conf"
@@ -56,6 +66,15 @@ wait_http() {  # URL SECONDS [CURL ARGS...]: until URL answers 200
         sleep 1
     done
     log "no 200 from $url within $seconds s"
+    return 1
+}
+
+wait_answer() {  # URL SECONDS: until URL answers anything (a server listens there)
+    for _ in $(seq "$2"); do
+        if [ "$(curl -s -o /dev/null -w '%{http_code}' "$1")" != 000 ]; then return 0; fi
+        sleep 1
+    done
+    log "no answer from $1 within $2 s"
     return 1
 }
 
@@ -90,14 +109,20 @@ make_base() {
 }
 
 make_wheelhouse() {
+    # Both images' wheels: the server image's, and the Ray image's `ray` extra. The marker
+    # holds the requirements it was made for; other requirements add what they lack.
     local wheelhouse="$WORK/wheelhouse"
-    if [ -f "$wheelhouse/.complete" ]; then log "wheelhouse exists"; return; fi
+    local wanted=('torch==2.13.0' "${REPO}[server,ray]" 'setuptools>=68' wheel)
+    if [ "$(cat "$wheelhouse/.complete" 2>/dev/null)" = "${wanted[*]}" ]; then
+        log "wheelhouse exists"
+        return
+    fi
     mkdir -p "$wheelhouse"
+    # --find-links: a wheel already there (torch's CPU build) is kept, not fetched again.
     # shellcheck disable=SC2086
-    "$PYTHON" -m pip download --quiet --dest "$wheelhouse" \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-        'torch==2.13.0' "${REPO}[server]" 'setuptools>=68' wheel
-    touch "$wheelhouse/.complete"
+    "$PYTHON" -m pip download --quiet --dest "$wheelhouse" --find-links "$wheelhouse" \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "${wanted[@]}"
+    printf '%s' "${wanted[*]}" >"$wheelhouse/.complete"
 }
 
 make_context() {
@@ -108,7 +133,7 @@ make_context() {
     cp "$REPO/Dockerfile" "$REPO/.dockerignore" "$REPO/pyproject.toml" "$REPO/README.md" "$context/"
     cp -r "$REPO/client" "$REPO/service" "$context/"
     cp -r "$REPO/deploy/docker" "$REPO/deploy/wheelhouse" "$context/deploy/"
-    cp -r "$WORK/wheelhouse" "$context/wheelhouse"
+    cp -rl "$WORK/wheelhouse" "$context/wheelhouse"  # hard links: the wheels are not copied
 }
 
 build_image() {
@@ -160,6 +185,94 @@ run_container() {
     stop_container "$name"
 }
 
+build_ray_image() {
+    podman image exists "$IMAGE" || { log "$IMAGE is missing: run the build step first"; return 1; }
+    make_context  # the Containerfile reads the wheelhouse only, as the Dockerfile does
+    podman build --format docker --network host -t "$RAY_IMAGE" \
+        --build-arg IMAGE="$IMAGE" --build-arg WHEELHOUSE=wheelhouse \
+        -f "$REPO/deploy/ray/Containerfile" "$WORK/context" >"$WORK/ray-build.log" 2>&1
+    podman image inspect "$RAY_IMAGE" --format '{{.Size}}' |
+        awk '{ printf "Ray image size %.0f MB\n", $1 / 1e6 }'
+}
+
+RAY_ITEMS='{"items": [
+    {"id": "a", "prompt_ids": [1, 2, 3], "response_ids": [4, 5]},
+    {"id": "b", "prompt_ids": [7], "response_ids": [8, 9, 10, 11, 12]},
+    {"id": "c", "prompt_ids": [20, 21, 22, 23], "response_ids": [24]}]}'
+
+run_ray() {
+    local name=tokenreward-e2e-ray plain=tokenreward-e2e-run folder="$WORK/ray"
+    local key=e2e-key-0123456789 check=("$PYTHON" "$REPO/deploy/e2e/ray_check.py")
+    local port gcs dashboard agent client ray_metrics http metrics start started code
+    podman image exists "$RAY_IMAGE" || { log "no $RAY_IMAGE: run ray-build first"; return 1; }
+    rm -rf "$folder"
+    mkdir -p "$folder"
+    printf '%s\n' "$RAY_ITEMS" >"$folder/request.json"
+    # The reference: the plain image's answer to the same items.
+    port=$(free_port)
+    podman rm -f "$plain" >/dev/null 2>&1 || true
+    podman run -d --name "$plain" --network host "$IMAGE" --host 127.0.0.1 --port "$port" >/dev/null
+    wait_http "http://127.0.0.1:$port/readyz" 180
+    "${check[@]}" rewards "http://127.0.0.1:$port" "$folder/request.json" --out "$folder/plain.json"
+    stop_container "$plain"
+
+    # A head node as KubeRay starts one: its command, free ports (host networking), CPUs for
+    # the replica, /dev/shm for the object store (KubeRay mounts a memory volume there),
+    # the API key from the environment as the RayService's Secret gives it. KubeRay's ulimit
+    # reads RAY_START_ULIMIT_OPEN_FILES: here it is containers.conf's limit, which a sandbox
+    # cannot raise to the default 65536.
+    gcs=$(free_port) dashboard=$(free_port) agent=$(free_port) client=$(free_port)
+    ray_metrics=$(free_port) http=$(free_port) metrics=$(free_port)
+    "${check[@]}" config "$REPO/deploy/ray/serve.yaml" "$folder/serve.yaml" \
+        --http-port "$http" --metrics-port "$metrics"
+    chmod -R a+rX "$folder"
+    start="ray start --head --block --port=$gcs --num-cpus=2"
+    start+=" --object-store-memory=268435456 --dashboard-host=127.0.0.1"
+    start+=" --dashboard-port=$dashboard --dashboard-agent-listen-port=$agent"
+    start+=" --ray-client-server-port=$client --metrics-export-port=$ray_metrics"
+    podman rm -f "$name" >/dev/null 2>&1 || true
+    podman run -d --name "$name" --network host --shm-size 512m -v "$folder:/e2e:ro" \
+        -e TOKENREWARD_API_KEYS="$key" -e RAY_START_ULIMIT_OPEN_FILES=20000 \
+        -e RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=5 "$RAY_IMAGE" \
+        /bin/bash -lc -- "ulimit -n \${RAY_START_ULIMIT_OPEN_FILES:-65536}; $start" >/dev/null
+    # deploy/ray/rayservice.yaml's probes: the head's GCS through the dashboard, a node's raylet
+    # through its dashboard agent.
+    wait_http "http://127.0.0.1:$dashboard/api/gcs_healthz" 180
+    wait_http "http://127.0.0.1:$agent/api/local_raylet_healthz" 60
+    # Serve, then its proxy's own 404 (no application yet): the middleware gives it the
+    # service's error shape.
+    podman exec "$name" serve start --http-host 127.0.0.1 --http-port "$http" \
+        >"$folder/serve-start.log" 2>&1
+    wait_answer "http://127.0.0.1:$http/-/routes" 60  # 503 until an application has routes
+    "${check[@]}" proxy-error "http://127.0.0.1:$http/v1/model"
+    # The application, through the dashboard's REST API as KubeRay sends serveConfigV2.
+    podman exec "$name" serve deploy --address "http://127.0.0.1:$dashboard" /e2e/serve.yaml \
+        >"$folder/serve-deploy.log" 2>&1
+    "${check[@]}" wait-running "http://127.0.0.1:$dashboard" --deadline 300
+    wait_http "http://127.0.0.1:$http/-/healthz" 60  # a worker pod's readiness probe
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$http/v1/model")" = 401 ]
+    "${check[@]}" rewards "http://127.0.0.1:$http" "$folder/request.json" --key "$key" \
+        --reference "$folder/plain.json"
+    "${check[@]}" metrics "http://127.0.0.1:$metrics/metrics" --items 3
+    # KubeRay's command worked as written (the ulimit, the object store in /dev/shm), and the
+    # image's environment keeps usage statistics off.
+    podman logs "$name" >"$folder/head.log" 2>&1
+    if grep -E 'ulimit: |instead of /dev/shm' "$folder/head.log"; then return 1; fi
+    grep -q 'Usage stats collection is disabled' "$folder/head.log"
+    # Kubernetes stops a pod with SIGTERM: `ray start --block` (bash execs it: PID 1) asks Ray
+    # to drain the node, then ends every Ray process and exits with 1. A head node never
+    # finishes draining (its Serve controller stays), so Ray waits out
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s by default; 5 s here).
+    started=$EPOCHREALTIME
+    podman stop --time 60 "$name" >/dev/null
+    code=$(podman inspect "$name" --format '{{.State.ExitCode}}')
+    podman logs "$name" >"$folder/head.log" 2>&1
+    podman rm "$name" >/dev/null
+    log "Ray head stopped in $(awk -v a="$started" -v b="$EPOCHREALTIME" \
+        'BEGIN { printf "%.1f", b - a }') s, exit code $code"
+    [ "$code" = 0 ] || [ "$code" = 1 ] || { log "$name exited with $code"; return 1; }
+}
+
 compose() {
     "$WORK/compose-venv/bin/podman-compose" -p "$PROJECT" \
         -f "$REPO/docker-compose.yml" -f "$REPO/docker-compose.ci.yml" "$@"
@@ -167,7 +280,10 @@ compose() {
 
 COMPOSE_UP=0
 cleanup() {  # whatever a failed step left running
-    podman rm -f tokenreward-e2e-run >/dev/null 2>&1 || true
+    local name
+    for name in tokenreward-e2e-run tokenreward-e2e-ray; do  # one each: a missing one stops rm
+        podman rm -f "$name" >/dev/null 2>&1 || true
+    done
     if [ "$COMPOSE_UP" = 1 ]; then compose --profile loadgen down -v >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
@@ -207,7 +323,7 @@ run_compose() {
 
 main() {
     local steps=("$@")
-    [ "${#steps[@]}" -gt 0 ] || steps=(base wheelhouse build container compose)
+    [ "${#steps[@]}" -gt 0 ] || steps=(base wheelhouse build container ray-build ray compose)
     : >"$TIMINGS"
     step tools check_tools
     for name in "${steps[@]}"; do
@@ -216,6 +332,8 @@ main() {
             wheelhouse) step wheelhouse make_wheelhouse ;;
             build) step build build_image ;;
             container) step container run_container ;;
+            ray-build) step ray-build build_ray_image ;;
+            ray) step ray run_ray ;;
             compose) step compose run_compose ;;
             *) log "unknown step $name"; return 2 ;;
         esac
