@@ -114,8 +114,9 @@ class RewardReplica:
     ``settings`` are :class:`~tokenreward_service.config.Settings` fields (the Serve config's
     ``args.settings``); the replica's ``TOKENREWARD_*`` environment fills the rest, as for
     ``tokenreward serve``. ``metrics_port``: each replica also serves its ``/metrics`` on
-    ``metrics_port + its rank on the node`` at the settings' ``host`` (the proxy's ``/metrics``
-    reaches one replica at random, which a scraper cannot use); None: no such listener.
+    ``metrics_port + its rank on the node`` at the settings' ``host``, moving when Ray
+    renumbers the replicas (:meth:`reconfigure`; the proxy's ``/metrics`` reaches one replica
+    at random, which a scraper cannot use); None: no such listener.
 
     Without Ray, :meth:`__serve_build_asgi_app__` and the app's lifespan do what Ray does.
     """
@@ -151,7 +152,7 @@ class RewardReplica:
         app = create_app(settings, model=model, preparer=preparer)
         self._app = app
         if self.metrics_port is not None:
-            self._start_metrics(self.metrics_port)
+            self._start_metrics(self.metrics_port + _local_rank() if self.metrics_port else 0)
         return app
 
     @property
@@ -206,17 +207,48 @@ class RewardReplica:
             )
         return self._http
 
-    def _start_metrics(self, base_port: int) -> None:
+    async def reconfigure(self, user_config: Any, rank: Any = None) -> None:
+        """Ray calls this as the replica starts and whenever it renumbers the replicas
+        (``rank``: Ray's ``ReplicaRank``); the /metrics listener follows the local rank.
+
+        Ray gives a replica that starts while the one it replaces is still stopping (a failed
+        health check, a rolling update) the next rank on the node, and once that one is gone
+        moves it to the rank left free, so that a node's N replicas hold ranks 0 .. N-1.
+        Following that keeps ``metrics_port`` .. ``metrics_port + N - 1``, the ports a scrape
+        configuration lists, on every replica of the node. Should the port still be taken, the
+        listener stays where it is (the replica serves on; only that scrape target is off).
+
+        ``user_config`` has no use here: the settings come from the application's ``args``.
+        """
+        if user_config is not None:
+            raise ValueError("tokenreward takes no user_config; set the application's args")
+        if rank is None or not self.metrics_port or self._metrics_server is None:
+            return
+        port = self.metrics_port + int(rank.local_rank)
+        if self.metrics_address is not None and self.metrics_address[1] == port:
+            return
+        try:
+            await asyncio.to_thread(self._start_metrics, port)
+        except OSError as exc:
+            log.warning(
+                "replica metrics stay on %s: port %d is taken (%s)", self.metrics_address, port, exc
+            )
+
+    def _start_metrics(self, port: int) -> None:
+        """Serve the registry on ``port`` (0: any free one), then close the listener that this
+        one replaces (so that the metrics are never out of reach in between)."""
         from prometheus_client import start_http_server
 
-        port = base_port + _local_rank() if base_port else 0
         server, _ = start_http_server(
             port, addr=self.settings.host, registry=self.state.metrics.registry
         )
-        self._metrics_server = server
+        replaced, self._metrics_server = self._metrics_server, server
         host, bound = server.server_address[:2]
         self.metrics_address = (str(host), int(bound))
         log.info("replica metrics on http://%s:%d/metrics", host, bound)
+        if replaced is not None:
+            replaced.shutdown()
+            replaced.server_close()
 
     def __del__(self) -> None:
         # Ray calls this after the lifespan's shutdown (the batcher has drained).

@@ -11,7 +11,6 @@ return finite data.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import subprocess
 import threading
@@ -20,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,14 +34,18 @@ from tests.deploy.helpers import (
     PROMETHEUS_CONFIG,
     REPO,
     Query,
+    check_dashboard_query,
     dashboard_queries,
     iter_panels,
     load_dashboard,
     metric_names,
+    prom_query,
+    prometheus,
     require_tool,
     substitute,
+    wait_for_scrape_after,
 )
-from tests.support import LiveServer, free_port
+from tests.support import LiveServer
 from tokenreward_service.config import Settings
 from tokenreward_service.metrics import Metrics
 from tokenreward_service.model import RewardModel
@@ -61,34 +63,6 @@ class Stack:
     """A time just after the scrape that followed the last traffic: queries evaluate there."""
     exported: set[str]
     """Sample names on the server's /metrics after the traffic."""
-
-
-def _prom_query(base: str, expr: str, at: float | None = None) -> dict[str, Any]:
-    params = {"query": expr}
-    if at is not None:
-        params["time"] = f"{at:.3f}"
-    response = httpx.get(f"{base}/api/v1/query", params=params, timeout=10)
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def _wait_for_scrape_after(
-    base: str, instance: str, after: float, deadline_s: float = 20.0
-) -> float:
-    """Wait until Prometheus stored a scrape of ``instance`` that started after ``after``;
-    return that scrape's timestamp."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        # The raw samples of `up`: their timestamps are the scrapes' (timestamp() of an
-        # expression other than a plain selector gives the evaluation time instead).
-        body = _prom_query(base, f'up{{job="tokenreward", instance="{instance}"}}[30s]')
-        results = body.get("data", {}).get("result", [])
-        if results:
-            stamp, value = results[0]["values"][-1]
-            if float(stamp) > after and value == "1":
-                return float(stamp)
-        time.sleep(0.2)
-    raise AssertionError(f"Prometheus did not scrape the server within {deadline_s} s")
 
 
 def _traffic(url: str, vocab: int, seed: int) -> None:
@@ -162,82 +136,27 @@ def _gpu_replica(model: RewardModel) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def prometheus_bin() -> str:
-    return require_tool("prometheus")
-
-
-@pytest.fixture(scope="module")
-def stack(
-    prometheus_bin: str, llama: RewardModel, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
+def stack(llama: RewardModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("prometheus")
-    with LiveServer(Settings(), model=llama) as server, _gpu_replica(llama) as gpu_replica:
+    with (
+        LiveServer(Settings(), model=llama) as server,
+        _gpu_replica(llama) as gpu_replica,
+        prometheus(work, [server.url.removeprefix("http://"), gpu_replica]) as base,
+    ):
         instance = server.url.removeprefix("http://")
-        config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-        config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-        (job,) = [c for c in config["scrape_configs"] if c["job_name"] == "tokenreward"]
-        job["static_configs"] = [{"targets": [instance, gpu_replica]}]
-        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-        listen = f"127.0.0.1:{free_port()}"
-        base = f"http://{listen}"
-        log = work / "prometheus.log"
-        with log.open("wb") as sink:
-            proc = subprocess.Popen(
-                [
-                    prometheus_bin,
-                    f"--config.file={work / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={work / 'data'}",
-                    f"--web.listen-address={listen}",
-                    "--log.level=warn",
-                ],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=work,
-            )
-        try:
-            _wait_ready(base, proc, log)
-            first = _wait_for_scrape_after(base, instance, 0.0)
-            _wait_for_scrape_after(base, gpu_replica, 0.0)
-            vocab = int(httpx.get(f"{server.url}/v1/model", timeout=10).json()["vocab_size"])
-            _traffic(server.url, vocab, seed=1)  # phase A: every series appears
-            after_a = _wait_for_scrape_after(base, instance, max(first, time.time()))
-            _traffic(server.url, vocab, seed=2)  # phase B: every counter increases
-            after_b = _wait_for_scrape_after(base, instance, max(after_a, time.time()))
-            yield Stack(server, gpu_replica, base, after_b + 0.5, _exported_names(server.url))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"prometheus exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/-/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"prometheus did not become ready:\n{log.read_text()}")
+        first = wait_for_scrape_after(base, instance, 0.0)
+        wait_for_scrape_after(base, gpu_replica, 0.0)
+        vocab = int(httpx.get(f"{server.url}/v1/model", timeout=10).json()["vocab_size"])
+        _traffic(server.url, vocab, seed=1)  # phase A: every series appears
+        after_a = wait_for_scrape_after(base, instance, max(first, time.time()))
+        _traffic(server.url, vocab, seed=2)  # phase B: every counter increases
+        after_b = wait_for_scrape_after(base, instance, max(after_a, time.time()))
+        yield Stack(server, gpu_replica, base, after_b + 0.5, _exported_names(server.url))
 
 
 @pytest.mark.parametrize("query", QUERIES, ids=[q.where for q in QUERIES])
 def test_dashboard_query_returns_data(stack: Stack, query: Query) -> None:
-    expr = substitute(query.expr)
-    body = _prom_query(stack.prometheus, expr, at=stack.eval_time)
-    assert body["status"] == "success", f"{query.where}: {expr}\n{body}"
-    data = body["data"]
-    assert data["resultType"] in ("vector", "matrix"), data
-    assert data["result"], f"{query.where}: no data for {expr}"
-    values = [float(r["value"][1]) for r in data["result"]]
-    assert all(math.isfinite(v) for v in values), f"{query.where}: {expr} gave {values}"
+    check_dashboard_query(stack.prometheus, query, stack.eval_time)
 
 
 def test_dashboard_reads_only_exported_metrics(stack: Stack) -> None:
@@ -255,7 +174,7 @@ def test_memory_panel_shows_gpu_memory_or_process_memory(stack: Stack) -> None:
     """GPU memory for a replica on a GPU; the process's resident memory for one without."""
     (panel,) = [p for p in iter_panels(load_dashboard()["panels"]) if p["title"] == "Memory"]
     (target,) = panel["targets"]
-    body = _prom_query(stack.prometheus, substitute(target["expr"]), at=stack.eval_time)
+    body = prom_query(stack.prometheus, substitute(target["expr"]), at=stack.eval_time)
     kinds: dict[str, set[str]] = {}
     for series in body["data"]["result"]:
         kinds.setdefault(series["metric"]["instance"], set()).add(series["metric"]["kind"])
@@ -268,7 +187,7 @@ def test_memory_panel_shows_gpu_memory_or_process_memory(stack: Stack) -> None:
 
 def test_traffic_reached_every_kind_of_series(stack: Stack) -> None:
     """The traffic made the series the panels are about, not just zeros."""
-    body = _prom_query(
+    body = prom_query(
         stack.prometheus,
         'sum by (__name__) ({__name__=~"tokenreward_(shared_prompt_items|rejected_items|errors)'
         '_total"})',
@@ -328,8 +247,8 @@ def test_grafana_provisioning_matches_the_stack() -> None:
     source = _provisioned_datasource()
     assert source["type"] == "prometheus"
     assert source["url"] == "http://prometheus:9090"  # the compose service
-    prometheus = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    assert source["jsonData"]["timeInterval"] == prometheus["global"]["scrape_interval"]
+    scraping = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    assert source["jsonData"]["timeInterval"] == scraping["global"]["scrape_interval"]
     folder = DEPLOY / "grafana" / "provisioning" / "dashboards"
     (provider,) = yaml.safe_load((folder / "tokenreward.yml").read_text())["providers"]
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())

@@ -1,20 +1,31 @@
-"""deploy/ray: the Serve config and the KubeRay RayService that embeds it.
+"""deploy/ray: the Serve config, the KubeRay RayService that embeds it, the PodMonitors that
+scrape it; and deploy/prometheus/ray.yml, the scrape configuration for Ray nodes.
 
-A RayService is a custom resource, which kubernetes-validate has no schema for: its structure
-is checked here, and its pod templates are validated as real Kubernetes PodTemplateSpecs. Ray
-Serve's own schema (ServeDeploySchema) validates both Serve configs in
-tests/integrations/test_ray_serve.py, which needs Ray's environment.
+A RayService and a PodMonitor are custom resources, which kubernetes-validate has no schema
+for: their structure is checked here, and the RayService's pod templates are validated as real
+Kubernetes PodTemplateSpecs. Ray Serve's own schema (ServeDeploySchema) validates both Serve
+configs in tests/integrations/test_ray_serve.py, which needs Ray's environment; there a real
+Prometheus also scrapes a local cluster's replicas with deploy/prometheus/ray.yml.
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from tests.deploy.helpers import DEPLOY
+from tests.deploy.helpers import (
+    DEPLOY,
+    K8S,
+    PROMETHEUS_CONFIG,
+    RAY_PROMETHEUS_CONFIG,
+    require_tool,
+)
 from tokenreward_service.config import Settings
 from tokenreward_service.ray_serve import DEFAULT_OPTIONS, DEPLOYMENT
 
@@ -161,3 +172,103 @@ def test_pod_templates_validate(group: str) -> None:
     template = pod_templates()[group]
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": template["spec"]}
     kubernetes_validate.validate(pod, kubernetes_validate.utils.latest_version(), strict=True)
+
+
+def pod_monitors() -> dict[str, dict[str, Any]]:
+    return {m["metadata"]["name"]: m for m in load(RAY / "podmonitor.yaml")}
+
+
+def selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions with In) selects ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def test_pod_monitors_scrape_every_replica_and_ray() -> None:
+    """The Prometheus Operator's PodMonitors: each replica's own /metrics port on the worker
+    pods (under the service's job, as the ServiceMonitor of deploy/k8s), Ray's metrics port on
+    every pod; each endpoint names a port that every pod it selects declares."""
+    monitors = pod_monitors()
+    assert set(monitors) == {"tokenreward-replicas", "tokenreward-ray"}
+    templates = pod_templates()
+    serve = serve_config()
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    for monitor in monitors.values():
+        assert (monitor["apiVersion"], monitor["kind"]) == (
+            "monitoring.coreos.com/v1",
+            "PodMonitor",
+        )
+        assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+        spec = monitor["spec"]
+        assert set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
+        pods = [
+            t for t in templates.values() if selected(spec["selector"], t["metadata"]["labels"])
+        ]
+        assert pods, f"{monitor['metadata']['name']} selects no pod of the RayService"
+        for endpoint in spec["podMetricsEndpoints"]:
+            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+            assert endpoint["path"] == "/metrics"
+            for field in ("interval", "scrapeTimeout"):
+                assert re.fullmatch(r"\d+(ms|s|m|h)", endpoint[field]), endpoint[field]
+            for pod in pods:
+                (container,) = pod["spec"]["containers"]
+                assert endpoint["port"] in {p["name"] for p in container["ports"]}
+    replicas = monitors["tokenreward-replicas"]["spec"]
+    pods = [
+        t for t in templates.values() if selected(replicas["selector"], t["metadata"]["labels"])
+    ]
+    assert pods == [templates["gpu"]]  # the head holds no replica
+    (container,) = templates["gpu"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (endpoint,) = replicas["podMetricsEndpoints"]
+    assert ports[endpoint["port"]] == serve["applications"][0]["args"]["metrics_port"]
+    # The job is the Service's name under the ServiceMonitor: one job for the dashboard.
+    (service,) = load(K8S / "service.yaml")
+    assert (
+        templates["gpu"]["metadata"]["labels"][replicas["jobLabel"]]
+        == (service["metadata"]["name"])
+    )
+    ray = monitors["tokenreward-ray"]["spec"]
+    assert len(
+        [t for t in templates.values() if selected(ray["selector"], t["metadata"]["labels"])]
+    ) == len(templates)
+    (endpoint,) = ray["podMetricsEndpoints"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert str(ports[endpoint["port"]]) == group["rayStartParams"]["metrics-export-port"]
+
+
+def test_prometheus_config_for_ray_nodes() -> None:
+    """deploy/prometheus/ray.yml: valid for promtool, the service's job and intervals of
+    prometheus.yml (the dashboard's), and replica targets on serve.yaml's metrics_port and the
+    ports after it (one per replica on a node)."""
+    promtool = require_tool("promtool")
+    result = subprocess.run(
+        [promtool, "check", "config", str(RAY_PROMETHEUS_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(RAY_PROMETHEUS_CONFIG.read_text())
+    local = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    assert config["global"] == local["global"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    (service_job,) = local["scrape_configs"]
+    replicas = jobs[service_job["job_name"]]
+    assert replicas["metrics_path"] == "/metrics"
+    metrics_port = serve_config()["applications"][0]["args"]["metrics_port"]
+    (targets,) = replicas["static_configs"]
+    ports = [urlsplit(f"//{target}").port for target in targets["targets"]]
+    assert metrics_port in ports
+    assert all(port is not None and 0 <= port - metrics_port < 8 for port in ports), ports
+    # Ray's own metrics: the targets that the head node writes for Prometheus.
+    (discovery,) = jobs["ray"]["file_sd_configs"]
+    assert discovery["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]

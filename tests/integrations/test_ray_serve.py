@@ -2,14 +2,17 @@
 
 The first tests need no Ray: a replica's life cycle as Ray drives it (build the app, run its
 lifespan, health checks, the handle path, the drain), and the proxy middleware on small ASGI
-apps. The last starts a real local Ray cluster (CPU) from ``.venvs/ray`` and runs
-scripts/ray_serve_check.py there: 2 replicas against a plain ``tokenreward serve`` of the same
-model, a replica killed under load, a replica stopped under load, and the autoscaler.
+apps. The last starts a real local Ray cluster (CPU) from ``.venvs/ray`` and a real
+Prometheus that scrapes its replicas, and runs scripts/ray_serve_check.py there: 2 replicas
+against a plain ``tokenreward serve`` of the same model, the Grafana dashboard on the replicas'
+metrics, a replica killed under load, a replica whose batcher dies under load, a replica stopped
+under load, and the autoscaler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import json
@@ -22,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -29,6 +33,13 @@ import pytest
 import yaml
 from starlette.types import Receive, Scope, Send
 
+from tests.deploy.helpers import (
+    RAY_PROMETHEUS_CONFIG,
+    check_dashboard_query,
+    dashboard_queries,
+    prom_query,
+    prometheus,
+)
 from tests.integrations.conftest import ROOT, run_in, trainer_python
 from tokenreward.protocol import RewardRequest
 from tokenreward_service.bench.runner import SpawnedServer, stop_process
@@ -122,6 +133,42 @@ def test_health_check_fails_when_the_batcher_dies(llama_dir: Path) -> None:
                 await scheduler
             with pytest.raises(RuntimeError, match="not running"):
                 replica.check_health()
+
+    asyncio.run(scenario())
+
+
+def test_metrics_listener_follows_the_local_rank(llama_dir: Path) -> None:
+    """Ray renumbers a node's replicas once a replaced one has gone (its replacement started on
+    the next rank meanwhile): the listener moves to ``metrics_port`` + the rank Ray gives, so
+    that the ports a scrape configuration lists reach every replica. A port still taken
+    leaves the listener where it is; a user_config is refused (the settings are the args)."""
+    base = _free_port(consecutive=2)
+
+    def scrape(port: int) -> str:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics").text
+
+    async def scenario() -> None:
+        settings = {"model": str(llama_dir), "device": "cpu", "host": "127.0.0.1"}
+        replica = RewardReplica(settings, metrics_port=base)
+        await replica.reconfigure(None, rank=SimpleNamespace(local_rank=1))  # before the build
+        app = await replica.__serve_build_asgi_app__()
+        async with app.router.lifespan_context(app):
+            assert replica.metrics_address == ("127.0.0.1", base)  # rank 0 outside Ray
+            await replica.reconfigure(None, rank=SimpleNamespace(local_rank=1))
+            assert replica.metrics_address == ("127.0.0.1", base + 1)
+            assert "tokenreward_items_total" in await asyncio.to_thread(scrape, base + 1)
+            with pytest.raises(httpx.ConnectError):
+                await asyncio.to_thread(scrape, base)
+            with socket.socket() as other:  # another process holds the port
+                other.bind(("127.0.0.1", base))
+                other.listen()
+                await replica.reconfigure(None, rank=SimpleNamespace(local_rank=0))
+                assert replica.metrics_address == ("127.0.0.1", base + 1)
+            with pytest.raises(ValueError, match="user_config"):
+                await replica.reconfigure({"max_batch_tokens": 1}, rank=None)
+        replica.__del__()
+        with pytest.raises(httpx.ConnectError):
+            await asyncio.to_thread(scrape, base + 1)
 
     asyncio.run(scenario())
 
@@ -252,7 +299,15 @@ def _free_port(consecutive: int = 1) -> int:
 
 def serve_configs(folder: Path, http_port: int, metrics_port: int) -> dict[str, str]:
     """deploy/ray/serve.yaml made to fit this machine: CPU, the embedded model, 127.0.0.1, a
-    test API key; 2 replicas, 1 replica, or 1 to 2 replicas scaling within seconds."""
+    test API key; 2 replicas, 1 replica, or 1 to 2 replicas scaling within seconds.
+
+    Every variant keeps the autoscaling_config, the fixed counts as its bounds: Ray's code
+    version of an application changes when a deployment gains or loses an autoscaling_config,
+    and going from one variant to the next would then restart every replica, not resize.
+    Ray checks health every second (three failures in a row and Ray replaces the replica) and
+    waits 10 s for a stopping replica's requests: a replica with a dead batcher holds its
+    queued requests until Ray kills it, and the test waits for them.
+    """
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     (application,) = config["applications"]
@@ -262,26 +317,21 @@ def serve_configs(folder: Path, http_port: int, metrics_port: int) -> dict[str, 
     }
     (deployment,) = application["deployments"]
     deployment["ray_actor_options"] = {"num_cpus": 0.5}
-    deployment["graceful_shutdown_timeout_s"] = 30
-    autoscaling = deployment.pop("autoscaling_config")
+    deployment["graceful_shutdown_timeout_s"] = 10
+    deployment["health_check_period_s"] = 1
+    deployment["health_check_timeout_s"] = 5
+    deployment["autoscaling_config"].update(
+        target_ongoing_requests=2, look_back_period_s=2, upscale_delay_s=1, downscale_delay_s=2
+    )
     variants = {
-        "fixed": {"num_replicas": 2},
-        "single": {"num_replicas": 1},
-        "autoscaled": {
-            "autoscaling_config": {
-                **autoscaling,
-                "max_replicas": 2,
-                "target_ongoing_requests": 2,
-                "look_back_period_s": 2,
-                "upscale_delay_s": 1,
-                "downscale_delay_s": 2,
-            }
-        },
+        "fixed": {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 2},
+        "single": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
+        "autoscaled": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2},
     }
     paths = {}
     for name, options in variants.items():
         variant = copy.deepcopy(config)
-        variant["applications"][0]["deployments"][0].update(options)
+        variant["applications"][0]["deployments"][0]["autoscaling_config"].update(options)
         path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(variant))
         paths[name] = str(path)
@@ -327,7 +377,6 @@ def test_ray_serve_cluster(
     serve: Callable[[Sequence[str]], SpawnedServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     python = trainer_python("ray")
-    reference = serve(["--device", "cpu"])
     env = {
         # A token for this cluster alone (Ray 2.60 clusters require one by default).
         "RAY_AUTH_MODE": "token",
@@ -346,18 +395,47 @@ def test_ray_serve_cluster(
         monkeypatch.setenv(name, value)  # the scripts run_in starts inherit them
     http_port, metrics_port = _free_port(), _free_port(consecutive=2)
     configs = serve_configs(tmp_path, http_port, metrics_port)
-    with ray_head(python.parent.parent, {**os.environ}) as address:
-        arguments = {
-            "address": address,
-            "proxy": f"http://127.0.0.1:{http_port}",
-            "reference": reference.url,
-            "api_key": KEY,
-            "metrics_port": metrics_port,
-            "serve": str(python.parent / "serve"),
-            **configs,
+    replicas = [f"127.0.0.1:{metrics_port}", f"127.0.0.1:{metrics_port + 1}"]
+    (tmp_path / "prometheus").mkdir()
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as starter,
+        prometheus(tmp_path / "prometheus", replicas, RAY_PROMETHEUS_CONFIG) as scraper,
+    ):
+        # The reference server starts while the Ray head does: each takes seconds.
+        starting = starter.submit(serve, ["--device", "cpu"])
+        with ray_head(python.parent.parent, {**os.environ}) as address:
+            reference = starting.result()
+            arguments = {
+                "address": address,
+                "proxy": f"http://127.0.0.1:{http_port}",
+                "reference": reference.url,
+                "api_key": KEY,
+                "metrics_port": metrics_port,
+                "serve": str(python.parent / "serve"),
+                "prometheus": scraper,
+                **configs,
+            }
+            report = run_in("ray", "ray_serve_check.py", json.dumps(arguments), timeout=400)
+        print(json.dumps(report, indent=1))
+        # Prometheus scraped both replicas with deploy/prometheus/ray.yml: each counted its own
+        # items, which add up to what the client had scored when the script last saw a scrape.
+        metrics = report["metrics"]
+        at = metrics["eval_time"]
+        counted = prom_query(scraper, 'tokenreward_items_total{job="tokenreward"}', at=at)
+        by_replica = {
+            r["metric"]["instance"]: float(r["value"][1]) for r in counted["data"]["result"]
         }
-        report = run_in("ray", "ray_serve_check.py", json.dumps(arguments), timeout=400)
-    print(json.dumps(report, indent=1))
+        assert sorted(by_replica) == sorted(replicas)
+        assert all(count > 0 for count in by_replica.values()), by_replica
+        assert sum(by_replica.values()) == sum(metrics["replica_items"]) == metrics["items_scored"]
+        # Every expression of the Grafana dashboard gives data on the replicas' series.
+        failed = []
+        for query in dashboard_queries():
+            try:
+                check_dashboard_query(scraper, query, at)
+            except AssertionError as exc:
+                failed.append(str(exc))
+        assert not failed, "\n".join(failed)
     assert report["model"] == "tokenreward-demo-sentiment"
     # 2 replicas give what one `tokenreward serve` gives, by HTTP and through a handle.
     assert report["http_max_diff"] <= 1e-5
@@ -376,6 +454,25 @@ def test_ray_serve_cluster(
     assert kill["max_diff"] <= 1e-5
     assert kill["replaced"]
     assert set(kill["statuses"]) <= {"200", "503"}
+    # A replica whose batcher died under load (its task cancelled, as a crash ends it): its
+    # health check fails, Ray marks it unhealthy within seconds (three checks a second apart)
+    # and runs another; the requests it refused (503) or held until Ray killed it were
+    # retried: every result once and correct.
+    health = report["health"]
+    assert health["check_health"] == "the batch scheduler is not running"
+    assert health["error"] is None
+    assert health["max_diff"] <= 1e-5
+    assert health["calls"] > health["calls_before_crash"]
+    assert set(health["statuses"]) <= {"200", "503"}
+    assert health["replicas_after"] == 2
+    after = health["seconds_after_crash"]
+    assert after["unhealthy"] < 15
+    assert after["unhealthy"] <= after["started"] <= after["replaced"] < 60
+    assert after["unhealthy"] <= after["gone"] <= after["listeners"] < 60
+    # Ray renumbered the replicas once the crashed one was gone (its replacement may have
+    # started on the next rank): the listeners followed, so the scrape targets, metrics_port
+    # and the port after it, reach both replicas again.
+    assert health["listeners_after"] == [0, 1]
     # A replica stopped while requests flow: it drains; nothing fails or needs a retry.
     drain = report["drain"]
     assert drain["error"] is None

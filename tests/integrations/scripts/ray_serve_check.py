@@ -3,15 +3,22 @@
 ``ray_serve_check.py JSON`` with ``address`` (the Ray head, started by the test), ``proxy``
 (Ray Serve's HTTP URL), ``reference`` (a plain ``tokenreward serve`` of the same model),
 ``api_key``, ``fixed``, ``single`` and ``autoscaled`` (Serve config files derived from
-``deploy/ray/serve.yaml``: 2 replicas, 1 replica, 1 to 2 replicas with short delays),
-``metrics_port`` and ``serve`` (the ``serve`` CLI). In order:
+``deploy/ray/serve.yaml``: 2 replicas, 1 replica, 1 to 2 replicas with short delays; all with
+a health check every second), ``metrics_port``, ``serve`` (the ``serve`` CLI) and
+``prometheus`` (the URL of a Prometheus that scrapes ``metrics_port`` and the port after it,
+the replicas' own /metrics listeners). In order:
 
 1. deploys ``fixed`` with ``serve run --non-blocking`` and compares results over HTTP and
-   through a ``DeploymentHandle`` with the reference; reads each replica's /metrics;
+   through a ``DeploymentHandle`` with the reference; reads each replica's /metrics; sends
+   traffic of every kind the Grafana dashboard shows in two phases, each followed by a
+   Prometheus scrape of both replicas, and reports when (the test evaluates the dashboard
+   there) and how many items were scored;
 2. kills one replica actor (``ray.kill``) while the client sends thousands of items through
    the proxy, then checks every result once and correct, and that Ray replaced the replica;
-3. deploys ``single`` while clients send requests: the replica that Ray stops drains;
-4. deploys ``autoscaled``, loads it until Serve adds a replica, stops, and waits until Serve
+3. ends the batcher task of one replica, as a crash would, while clients send: its health
+   check fails, Ray replaces it, and every result comes back once and correct;
+4. deploys ``single`` while clients send requests: the replica that Ray stops drains;
+5. deploys ``autoscaled``, loads it until Serve adds a replica, stops, and waits until Serve
    removes it.
 
 Every wait polls the state it waits for. Prints one JSON line: what it measured.
@@ -73,13 +80,33 @@ def replica_names() -> list[str]:
     )
 
 
+def deployed_at() -> float | None:
+    app = serve.status().applications.get(APP)
+    return None if app is None else float(app.last_deployed_time_s)
+
+
 def deploy(serve_cli: str, address: str, config: str) -> None:
+    """``serve run --non-blocking CONFIG``, which returns once the config is sent; this returns
+    once Serve applies it (the application's deploy time moves on), so that what follows
+    sees the config's effects and not the state before it."""
+    before = deployed_at()
     subprocess.run(
         [serve_cli, "run", "--address", address, "--non-blocking", config],
         check=True,
         capture_output=True,
         timeout=120,
     )
+    wait_for("Serve to apply the config", lambda: deployed_at() != before, 60)
+
+
+def deployment_status() -> tuple[str, str]:
+    """The deployment's status and what set it (``HEALTH_CHECK_FAILED`` after a replica's
+    health check failed, until its replacement runs)."""
+    app = serve.status().applications.get(APP)
+    if app is None or DEPLOYMENT not in app.deployments:
+        return "", ""
+    deployment = app.deployments[DEPLOYMENT]
+    return deployment.status.value, deployment.status_trigger.value
 
 
 def app_running() -> bool:
@@ -121,9 +148,104 @@ def replica_items(ports: list[int]) -> list[float]:
     return counts
 
 
+def varied_traffic(
+    client: RewardClient, http: httpx.Client, reference: RewardClient, vocab: int, seed: int
+) -> int:
+    """What the dashboard shows beyond plain items, through Ray's proxy: a GRPO-style group
+    (one prompt, 8 responses: shared-prompt items), a body that is not JSON (an error), an item
+    outside the vocabulary (a rejected item) and an unknown route. Returns the items scored."""
+    rng = random.Random(seed)
+    prompt = [rng.randrange(3, vocab) for _ in range(24)]  # long enough to be shared
+    group = [
+        {
+            "id": f"g{seed}-{i}",
+            "prompt_ids": prompt,
+            "response_ids": [rng.randrange(3, vocab) for _ in range(rng.randint(2, 16))],
+        }
+        for i in range(8)
+    ]
+    diff = max_diff(client.rewards(group), reference.rewards(group))
+    assert diff <= 1e-5, diff
+    assert http.post("/v1/rewards", content=b"{not json").status_code == 422
+    outside = {"items": [{"prompt_ids": [1, 2], "response_ids": [vocab + 5]}]}
+    assert http.post("/v1/rewards", json=outside).status_code == 422
+    assert http.get("/no-such-route").status_code == 404
+    return len(group)
+
+
+def scraped_after(prometheus: str, after: float) -> float:
+    """Wait until Prometheus holds a scrape of both replicas begun after ``after`` (Unix
+    time), so that its data holds what they had counted by then; the latest one's time."""
+
+    def scraped() -> float | None:
+        # The raw samples of `up`: their timestamps are the scrapes'.
+        query = {"query": 'up{job="tokenreward"}[30s]'}
+        body = httpx.get(f"{prometheus}/api/v1/query", params=query, timeout=10).json()
+        last = [series["values"][-1] for series in body["data"]["result"]]
+        if len(last) == 2 and all(float(t) > after and v == "1" for t, v in last):
+            return max(float(t) for t, _ in last)
+        return None
+
+    return float(wait_for("Prometheus's scrape of both replicas", scraped, 30))
+
+
+def crash_batcher(actor: object) -> None:
+    """Runs in a replica's process (``actor.__ray_call__``): ends the replica's batcher task
+    as a crash would, on the replica's own event loop (Ray may run user code on a thread of
+    its own), and leaves the rest of the replica serving. Nothing in the service is there for
+    this test: the replica and its task are found among the process's objects."""
+    import asyncio
+    import gc
+
+    from tokenreward_service.ray_serve import RewardReplica
+
+    # Ray froze the objects of the replica's start (the replica, its task) out of the
+    # collector's lists; back in them, gc.get_objects() lists them again.
+    gc.unfreeze()
+    found = gc.get_objects()
+    # By type, not isinstance: that would ask proxies in the heap for their __class__.
+    (replica,) = [o for o in found if RewardReplica in type(o).__mro__]
+    replica.check_health()  # serving until now
+    (task,) = [
+        o
+        for o in found
+        if asyncio.Task in type(o).__mro__
+        and o.get_name() == "tokenreward-batcher"
+        and not o.done()
+    ]
+    task.get_loop().call_soon_threadsafe(task.cancel)
+
+
+def health_check_error(actor: object) -> str | None:
+    """Runs in a replica's process (after :func:`crash_batcher`, which made the replica
+    visible to ``gc.get_objects()``): what its health check raises (None while it passes)."""
+    import gc
+
+    from tokenreward_service.ray_serve import RewardReplica
+
+    (replica,) = [o for o in gc.get_objects() if RewardReplica in type(o).__mro__]
+    try:
+        replica.check_health()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def listening(first: int, count: int) -> list[int]:
+    """Which of the ``count`` ports from ``first`` on 127.0.0.1 answer /metrics."""
+    found = []
+    for port in range(first, first + count):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        except httpx.HTTPError:
+            continue
+        found.append(port - first)
+    return found
+
+
 class Load:
     """Two clients sending ``items`` again and again until the block ends, each answer
-    checked against ``want``."""
+    checked against ``want``: every result once, in order, and correct."""
 
     def __init__(self, url: str, key: str, items: list[dict[str, Any]], want: list[Any]) -> None:
         self.transport = Counting()
@@ -183,6 +305,10 @@ class Counting(httpx.HTTPTransport):
             self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
         return response
 
+    def seen(self) -> int:
+        with self._lock:
+            return sum(self.statuses.values())
+
     def take(self) -> dict[int, int]:
         with self._lock:
             taken, self.statuses = self.statuses, {}
@@ -199,6 +325,12 @@ def main() -> None:
         args["proxy"], api_key=key, max_items_per_request=50, timeout=300, transport=counting
     )
     reference = RewardClient(args["reference"], max_items_per_request=500, timeout=300)
+    laps = [time.monotonic()]
+
+    def lap(step: str) -> None:
+        """The seconds that ``step`` took, in the report (where the test's time goes)."""
+        laps.append(time.monotonic())
+        report.setdefault("step_s", {})[step] = round(laps[-1] - laps[-2], 1)
 
     # 1. Two replicas: the same results as a plain `tokenreward serve`, by HTTP and by handle.
     started = time.monotonic()
@@ -223,10 +355,25 @@ def main() -> None:
     except HandleError as error:
         report["handle_error"] = [error.status, error.type, error.item]
     ports = [args["metrics_port"], args["metrics_port"] + 1]
-    per_replica = replica_items(ports)
-    report["replica_items_after_check"] = per_replica
+    report["replica_items_after_check"] = replica_items(ports)
     proxy_metrics = httpx.get(f"{args['proxy']}/metrics").text
     report["proxy_metrics_has_items"] = "tokenreward_items_total" in proxy_metrics
+    # Prometheus scrapes the replicas' listeners: every kind of traffic in two phases with a
+    # scrape of both after each, so that every counter grows inside the dashboard's window.
+    auth = {"Authorization": f"Bearer {key}"}
+    http = httpx.Client(base_url=args["proxy"], headers=auth, timeout=60)
+    scored = len(items) + 150  # by HTTP, then by handle
+    scored += varied_traffic(client, http, reference, vocab, seed=1)
+    scraped_after(args["prometheus"], time.time())
+    scored += varied_traffic(client, http, reference, vocab, seed=2)
+    per_replica = replica_items(ports)
+    report["metrics"] = {
+        "items_scored": scored,
+        "replica_items": per_replica,
+        "eval_time": scraped_after(args["prometheus"], time.time()) + 0.5,
+    }
+    http.close()
+    lap("deploy, compare, metrics")
 
     # 2. A replica killed while thousands of items are in flight.
     names_before = replica_names()
@@ -271,8 +418,59 @@ def main() -> None:
 
     load_items = make_items(400, vocab, seed=3)
     want_load = reference.rewards(load_items)
+    lap("replica killed")
 
-    # 3. Graceful stop: 2 replicas scaled to 1 while requests flow; the stopped one drains.
+    # 3. A replica's batcher crashes while requests flow: Ray's health check (every second in
+    # this test) fails on it, Ray stops it and starts another; the requests it answered 503
+    # and those it held when Ray killed it come back and are retried.
+    wait_for("a healthy deployment", lambda: deployment_status()[0] == "HEALTHY", 60)
+    names_before = replica_names()
+    with Load(args["proxy"], key, load_items, want_load) as load:
+        wait_for("load", lambda: load.transport.seen() > 0, 60)
+        victim = names_before[0]
+        actor = ray.get_actor(victim, namespace="serve")
+        ray.get(actor.__ray_call__.remote(crash_batcher))
+        crashed = time.monotonic()
+        calls = load.calls
+        health_error = wait_for(
+            "the health check to fail",
+            lambda: ray.get(actor.__ray_call__.remote(health_check_error)),
+            30,
+        )
+        timeline: dict[str, float] = {}
+
+        def replaced() -> bool:
+            """Notes when each stage of the replacement is first seen; true once all are."""
+            status, names = deployment_status(), replica_names()
+            new = set(names) - set(names_before)
+            seen = {
+                "unhealthy": status == ("UNHEALTHY", "HEALTH_CHECK_FAILED"),
+                "started": bool(new),  # a replica actor of another name
+                "replaced": bool(new) and running_replicas() == 2,  # the victim is not RUNNING
+                "gone": victim not in names,
+                "healthy": "unhealthy" in timeline and status[0] == "HEALTHY",
+                # Renumbered once the victim is gone: a listener on each scrape target.
+                "listeners": "gone" in timeline and listening(args["metrics_port"], 3) == [0, 1],
+            }
+            for stage, happened in seen.items():
+                if happened:
+                    timeline.setdefault(stage, round(time.monotonic() - crashed, 1))
+            return len(timeline) == len(seen)
+
+        wait_for("the replica's replacement", replaced, 120)
+        wait_for("more load on the replicas", lambda: load.calls >= calls + 2, 60)
+    report["health"] = {
+        "check_health": health_error,
+        "seconds_after_crash": timeline,
+        "replicas_after": running_replicas(),
+        "listeners_after": listening(args["metrics_port"], 3),
+        "calls_before_crash": calls,
+        "items_per_call": len(load_items),
+        **load.report(),
+    }
+    lap("batcher crashed")
+
+    # 4. Graceful stop: 2 replicas scaled to 1 while requests flow; the stopped one drains.
     with Load(args["proxy"], key, load_items, want_load) as load:
         wait_for("load", lambda: load.calls >= 1, 60)
         deploy(args["serve"], args["address"], args["single"])
@@ -282,8 +480,9 @@ def main() -> None:
         calls = load.calls
         wait_for("more load on the remaining replica", lambda: load.calls >= calls + 2, 60)
     report["drain"].update(load.report())
+    lap("drain")
 
-    # 4. Autoscaling: 1 replica idle, 2 under load, back to 1 after.
+    # 5. Autoscaling: 1 replica idle, 2 under load, back to 1 after.
     deploy(args["serve"], args["address"], args["autoscaled"])
     wait_for("autoscaling in force", lambda: app_running() and running_replicas() == 1)
     started = time.monotonic()
@@ -296,6 +495,7 @@ def main() -> None:
     wait_for("back to 1 replica", lambda: replica_states() == {"RUNNING": 1}, 90)
     report["autoscale"]["down_s"] = round(time.monotonic() - started, 1)
     report["autoscale"].update(load.report())
+    lap("autoscale")
     client.close()
     reference.close()
     print(json.dumps(report))
