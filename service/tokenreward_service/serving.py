@@ -196,8 +196,9 @@ class RewardService:
             n = item.response_len
             p = prompt_score[row]
             token_rewards = rewards[row][:n]
+            # Built from values made here, not read from outside: no validation to pay.
             results.append(
-                RewardResult(
+                RewardResult.model_construct(
                     id=wire.id,
                     token_rewards=token_rewards,
                     score=score[row],
@@ -211,4 +212,4 @@ class RewardService:
                     step_ends=item.step_ends,
                 )
             )
-        return RewardResponse(model=self._ref, results=results)
+        return RewardResponse.model_construct(model=self._ref, results=results)
