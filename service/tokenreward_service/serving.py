@@ -32,19 +32,20 @@ from tokenreward_service.redistribution import redistribute
 
 __all__ = ["INLINE_BODY_BYTES", "INLINE_TOKENS", "ResultObserver", "RewardService", "inline"]
 
-INLINE_BODY_BYTES = 65_536
+INLINE_BODY_BYTES = 262_144
 """Bodies up to this size are parsed on the event loop, bigger ones on a worker thread.
 
-Handing work to a thread is not free: under load the event loop waits about a millisecond to
-get the GIL back from the woken worker (the largest single cost of a small request in a py-spy
-profile of the simulated 1M tokens/s device), while parsing 64 KiB of JSON token IDs takes
-about 0.9 ms. A small request is therefore cheaper inline; a big one (a 4,096-item request
-takes most of a second) still leaves the loop, so that it does not stall the probes and the
-other requests."""
-INLINE_TOKENS = 16_384
-"""Requests of plain token IDs up to this many are prepared on the event loop (the same
-trade-off as :data:`INLINE_BODY_BYTES`); text, chat messages, policy tokens and step
-separators run a tokenizer and always go to a worker thread."""
+Handing work to a thread is not free: the event loop then waits about a millisecond to get
+the GIL back from the woken worker, and the worker's CPU time comes on top (on the simulated
+1M tokens/s device, with 32-item requests of 67 KB, the hand-offs of their parsing took a
+third of a core). Parsing 256 KiB of JSON token IDs takes about 4 ms: up to that, a body costs
+less parsed in place, and holding the loop that long delays the others by no more than a
+batch's wait. A bigger one (a 4,096-item request takes most of a second) leaves the loop, so
+that it does not stall the probes and the other requests."""
+INLINE_TOKENS = 65_536
+"""Requests of plain token IDs up to this many (what 256 KiB of JSON holds) are prepared on
+the event loop, for the same reason as :data:`INLINE_BODY_BYTES`; text, chat messages, policy
+tokens and step separators run a tokenizer and always go to a worker thread."""
 
 
 def inline(request: RewardRequest) -> bool:

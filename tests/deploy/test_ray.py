@@ -158,9 +158,13 @@ def test_probes_and_the_proxy_callback() -> None:
     assert worker_ports["metrics"] == metrics_port
     annotations = templates["gpu"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(metrics_port)
-    # The pod outlives the replica's drain.
+    # The pod outlives the replica's drain, and so does Ray's own drain of the node on SIGTERM
+    # (30 s unless set).
     drain = the_deployment(serve)["graceful_shutdown_timeout_s"]
-    assert templates["gpu"]["spec"]["terminationGracePeriodSeconds"] > drain
+    grace = templates["gpu"]["spec"]["terminationGracePeriodSeconds"]
+    worker_env = {e["name"]: e for e in worker["env"]}
+    node_drain = float(worker_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]["value"])
+    assert drain < node_drain < grace
 
 
 @pytest.mark.parametrize("group", ["head", "gpu"])

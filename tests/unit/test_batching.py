@@ -396,13 +396,43 @@ def test_a_dead_scheduler_fails_the_batch_in_flight_at_once_and_says_so() -> Non
     async def main() -> None:
         batcher = await started(BrokenEngine("none"), max_wait_s=0)
         started_at = time.monotonic()
-        with pytest.raises(InternalError, match="scheduler failed"):
+        # Not the request's fault: a retryable 503, so clients go to another replica.
+        with pytest.raises(NotReady, match="scheduler failed"):
             await batcher.submit([seq(3)], timeout_s=30)
         assert time.monotonic() - started_at < 5
         assert batcher.failed
         assert not batcher.alive
         with pytest.raises(NotReady):
             await batcher.submit([seq(3)], timeout_s=30)
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_scheduler_answers_its_callers_at_once() -> None:
+    """A scheduler task that ends by cancellation (as a crash would end it) answers what is
+    queued and in flight with NotReady at once, instead of leaving the callers to wait for
+    their deadlines (or, on Ray, for the replica to be killed)."""
+
+    async def main() -> None:
+        gate = threading.Event()
+        engine = RecordingEngine(gate=gate)
+        batcher = await started(engine, max_batch_size=1, max_wait_s=0)
+        running = asyncio.ensure_future(batcher.submit([seq(3)], timeout_s=60))
+        await until(lambda: engine.entered == 1)
+        queued = asyncio.ensure_future(batcher.submit([seq(4)], timeout_s=60))
+        await until(lambda: batcher.queued_items == 1)
+        (scheduler,) = [t for t in asyncio.all_tasks() if t.get_name() == "tokenreward-batcher"]
+        scheduler.cancel()
+        for caller in (running, queued):
+            with pytest.raises(NotReady, match="scheduler stopped"):
+                await caller
+        assert not batcher.alive
+        assert not batcher.failed  # a stop, not a crash
+        assert batcher.queued_tokens == 0
+        with pytest.raises(NotReady):
+            await batcher.submit([seq(3)], timeout_s=30)
+        gate.set()
         await batcher.stop()
 
     asyncio.run(main())
@@ -440,29 +470,57 @@ def test_the_next_batch_is_handed_over_before_the_running_one_ends() -> None:
 
     async def main() -> None:
         engine = RecordingEngine(delay_s=0.3)
-        batcher = await started(engine, max_batch_size=1, max_wait_s=0, handover_s=0.2)
-        queued_at_end: list[int] = []
-        real_score = engine.score_batch
-
-        def score(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> BatchScores:
-            out = real_score(sequences, prompt_lens)
-            queued_at_end.append(batcher.queued_items)  # what is still in the queue then
-            return out
-
-        engine.score_batch = score  # type: ignore[method-assign]
+        # Items of different lengths never share a batch here, and the queue is never full.
+        batcher = await started(engine, max_wait_s=0, handover_s=0.2, min_padding_efficiency=1)
+        queued_at_end = record_queue_at_each_end(engine, batcher)
         assert BatcherConfig().handover_s == 0.005  # the README's "5 ms before"
         # No rate yet: the second item stays queued until the first batch is back.
-        await batcher.submit([seq(5), seq(5)], timeout_s=30)
+        await batcher.submit([seq(5), seq(6)], timeout_s=30)
         assert queued_at_end == [1, 0]
-        # The rate is known (0.3 s per 5 padded tokens): while the first of three runs, the
-        # second is taken 0.2 s before its expected end, and so on (one at a time: when each
-        # ends, the one after next is still queued). Without the hand-over: [2, 1, 0].
+        # The rate is known (about 0.06 s per padded token): while the first of three runs,
+        # the second is taken 0.2 s before the first's expected end, the third 0.2 s before
+        # the second's. Without the hand-over: [2, 1, 0].
         queued_at_end.clear()
-        await batcher.submit([seq(5), seq(5), seq(5)], timeout_s=30)
+        await batcher.submit([seq(5), seq(6), seq(7)], timeout_s=30)
         assert queued_at_end == [1, 0, 0]
         await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_a_full_queue_fills_the_waiting_batches_at_once() -> None:
+    """With a full batch queued, up to ``waiting_batches`` (2) wait behind the running one,
+    whatever its expected end: the device has work in hand if the event loop comes round
+    late."""
+
+    async def main() -> None:
+        engine = RecordingEngine(delay_s=0.1)
+        batcher = await started(engine, max_batch_size=1, max_wait_s=0, handover_s=0)
+        queued_at_end = record_queue_at_each_end(engine, batcher)
+        assert BatcherConfig().waiting_batches == 2
+        await batcher.submit([seq(5)], timeout_s=30)  # a rate is seen
+        queued_at_end.clear()
+        await batcher.submit([seq(5)] * 5, timeout_s=30)
+        # The first runs, two wait on the thread: 2 of 5 are still queued when it ends.
+        # With one waiting: [3, 2, 1, 0, 0]; without the hand-over: [4, 3, 2, 1, 0].
+        assert queued_at_end == [2, 1, 0, 0, 0]
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def record_queue_at_each_end(engine: RecordingEngine, batcher: Batcher) -> list[int]:
+    """The batcher's queued items as each forward pass ends (from the inference thread)."""
+    queued_at_end: list[int] = []
+    real_score = engine.score_batch
+
+    def score(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> BatchScores:
+        out = real_score(sequences, prompt_lens)
+        queued_at_end.append(batcher.queued_items)
+        return out
+
+    engine.score_batch = score  # type: ignore[method-assign]
+    return queued_at_end
 
 
 def test_a_batch_waiting_behind_the_running_one_is_answered_and_failures_stay_its_own() -> None:

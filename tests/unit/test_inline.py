@@ -36,5 +36,5 @@ def test_only_small_requests_of_token_ids_are_prepared_on_the_loop(
 
 
 def test_the_bounds_are_the_readmes() -> None:
-    """The README: "a body over 64 KiB or a request of more than 16,384 token IDs"."""
-    assert (INLINE_BODY_BYTES, INLINE_TOKENS) == (64 * 1024, 16_384)
+    """The README: "a body over 256 KiB or a request of more than 65,536 token IDs"."""
+    assert (INLINE_BODY_BYTES, INLINE_TOKENS) == (256 * 1024, 65_536)

@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_padding_efficiency=args.min_padding_efficiency,
     )
     sys.setswitchinterval(0.001)  # as `tokenreward serve` runs
+    # The host's torch work on one thread, as `tokenreward serve` runs it for a model on an
+    # accelerator (app.host_threads); the engine's spec says "cpu", since nothing runs.
+    torch.set_num_threads(1)
     model = SimulatedDevice(args.rate, vocab_size=args.vocab_size)
     server = build_server(settings, create_app(settings, model=model))
     server.run()
