@@ -263,6 +263,7 @@ def test_bench_with_a_simulated_device_is_labelled_and_measured(
 ) -> None:
     import tokenreward_service.bench as bench
 
+    assert bench.SIMULATED_SECONDS == 10.0  # the README: "each run at least 10 s"
     monkeypatch.setattr(bench, "SIMULATED_SECONDS", 0.2)
     args = ["bench", "--simulated-device", "2e5", "--workload", "mixed", "--runs", "1"]
     assert cli_main(args) == 0
