@@ -49,6 +49,18 @@ def require_tool(name: str) -> str:
     return found
 
 
+def check_prometheus_config(path: Path) -> None:
+    """``promtool check config`` passes on ``path`` (Prometheus's own validation)."""
+    result = subprocess.run(
+        [require_tool("promtool"), "check", "config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # The dashboard
 

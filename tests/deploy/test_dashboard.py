@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -35,13 +34,13 @@ from tests.deploy.helpers import (
     REPO,
     Query,
     check_dashboard_query,
+    check_prometheus_config,
     dashboard_queries,
     iter_panels,
     load_dashboard,
     metric_names,
     prom_query,
     prometheus,
-    require_tool,
     substitute,
     wait_for_scrape_after,
 )
@@ -257,15 +256,7 @@ def test_grafana_provisioning_matches_the_stack() -> None:
 
 
 def test_shipped_prometheus_config_is_valid() -> None:
-    promtool = require_tool("promtool")
-    result = subprocess.run(
-        [promtool, "check", "config", str(PROMETHEUS_CONFIG)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    check_prometheus_config(PROMETHEUS_CONFIG)
     (job,) = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"] == [{"targets": ["tokenreward:8000"]}]

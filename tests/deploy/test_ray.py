@@ -11,7 +11,6 @@ Prometheus also scrapes a local cluster's replicas with deploy/prometheus/ray.ym
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +23,7 @@ from tests.deploy.helpers import (
     K8S,
     PROMETHEUS_CONFIG,
     RAY_PROMETHEUS_CONFIG,
-    require_tool,
+    check_prometheus_config,
 )
 from tokenreward_service.config import Settings
 from tokenreward_service.ray_serve import DEFAULT_OPTIONS, DEPLOYMENT
@@ -252,15 +251,7 @@ def test_prometheus_config_for_ray_nodes() -> None:
     """deploy/prometheus/ray.yml: valid for promtool, the service's job and intervals of
     prometheus.yml (the dashboard's), and replica targets on serve.yaml's metrics_port and the
     ports after it (one per replica on a node)."""
-    promtool = require_tool("promtool")
-    result = subprocess.run(
-        [promtool, "check", "config", str(RAY_PROMETHEUS_CONFIG)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    check_prometheus_config(RAY_PROMETHEUS_CONFIG)
     config = yaml.safe_load(RAY_PROMETHEUS_CONFIG.read_text())
     local = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     assert config["global"] == local["global"]
