@@ -594,6 +594,8 @@ class Batcher:
     def _landed(self, running: _Running, done: asyncio.Future[BatchScores]) -> None:
         """On the event loop, when a batch is back: a model failure fails that batch only;
         anything failing here is the scheduler's failure (it is raised there)."""
+        if running not in self._running:
+            return  # the scheduler ended meanwhile and answered its callers
         try:
             self._running.remove(running)
             self._wakeup.set()
