@@ -73,6 +73,19 @@ async def started(engine: RecordingEngine, **cfg: float) -> Batcher:
     return batcher
 
 
+async def one_held(
+    timeout_s: float,
+) -> tuple[threading.Event, RecordingEngine, Batcher, asyncio.Future[list[torch.Tensor]]]:
+    """A batcher of one-item batches whose first item is held in the forward pass until the
+    returned gate opens: what comes next waits in the queue."""
+    gate = threading.Event()
+    engine = RecordingEngine(gate=gate)
+    batcher = await started(engine, max_batch_size=1, max_wait_s=0)
+    held = asyncio.ensure_future(batcher.submit([seq(3)], timeout_s=timeout_s))
+    await until(lambda: engine.entered == 1)
+    return gate, engine, batcher, held
+
+
 def test_results_come_back_in_order_for_each_caller() -> None:
     async def main() -> None:
         engine = RecordingEngine()
@@ -150,11 +163,7 @@ def test_overload_is_refused_at_once_and_too_large_is_not_retryable() -> None:
 
 def test_cancelled_callers_items_are_dropped_before_inference() -> None:
     async def main() -> None:
-        gate = threading.Event()
-        engine = RecordingEngine(gate=gate)
-        batcher = await started(engine, max_batch_size=1, max_wait_s=0)
-        busy = asyncio.ensure_future(batcher.submit([seq(3)], timeout_s=5))
-        await until(lambda: engine.entered == 1)
+        gate, engine, batcher, busy = await one_held(timeout_s=5)
         gone = asyncio.ensure_future(batcher.submit([seq(77), seq(78)], timeout_s=5))
         await until(lambda: batcher.queued_items == 2)
         gone.cancel()
@@ -170,11 +179,7 @@ def test_cancelled_callers_items_are_dropped_before_inference() -> None:
 
 def test_work_past_its_deadline_is_dropped_with_timeout() -> None:
     async def main() -> None:
-        gate = threading.Event()
-        engine = RecordingEngine(gate=gate)
-        batcher = await started(engine, max_batch_size=1, max_wait_s=0)
-        busy = asyncio.ensure_future(batcher.submit([seq(3)], timeout_s=5))
-        await until(lambda: engine.entered == 1)
+        gate, engine, batcher, busy = await one_held(timeout_s=5)
         late = asyncio.ensure_future(batcher.submit([seq(9)], timeout_s=0.01))
         await until(lambda: batcher.queued_items == 1)
         await asyncio.sleep(0.02)  # the deadline itself is what is tested: let it pass
@@ -415,11 +420,7 @@ def test_a_cancelled_scheduler_answers_its_callers_at_once() -> None:
     their deadlines (or, on Ray, for the replica to be killed)."""
 
     async def main() -> None:
-        gate = threading.Event()
-        engine = RecordingEngine(gate=gate)
-        batcher = await started(engine, max_batch_size=1, max_wait_s=0)
-        running = asyncio.ensure_future(batcher.submit([seq(3)], timeout_s=60))
-        await until(lambda: engine.entered == 1)
+        gate, _, batcher, running = await one_held(timeout_s=60)
         queued = asyncio.ensure_future(batcher.submit([seq(4)], timeout_s=60))
         await until(lambda: batcher.queued_items == 1)
         (scheduler,) = [t for t in asyncio.all_tasks() if t.get_name() == "tokenreward-batcher"]
