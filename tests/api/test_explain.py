@@ -118,3 +118,8 @@ def test_explain_on_the_demo_rm() -> None:
     rewards = dict(zip(tokens, result.token_rewards, strict=True))
     assert max(rewards, key=rewards.__getitem__) == " love"
     assert rewards[" terrible"] < 0
+    # The README's plain-text example is this run's output, as printed.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    shown = re.search(r"on the demo RM:\n\n```text\n(.*?)\n```", readme, flags=re.S)
+    assert shown is not None
+    assert shown.group(1) == render_terminal(result, colour=False)

@@ -4,6 +4,7 @@ credit exactly as the service hands it out."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,25 @@ def test_even_a_short_run_learns_to_rank_positive_over_negative(
     # chance (0.5) on 3,000+ held-out tweets, so the loss really trains the score head.
     _, report = tiny_run
     assert report["heldout"]["pos_vs_neg"] > 0.6
+
+
+def test_a_short_run_with_the_word_term_reports_its_words() -> None:
+    from tokenreward_service.demo.words import TRAINING_FRAMES, training_words
+
+    recipe = dataclasses.replace(TINY, word_weight=1.0, rm_epochs=0.02)
+    report = train(recipe, None, log=lambda message: None)
+    words = training_words(recipe.word_min_polarity)
+    assert report["data"]["words"] == {
+        "distribution": "textblob",
+        "version": "0.20.1",
+        "file": "en-sentiment.xml",
+        "license": "PDDL",
+        "positive": len(words.positive),
+        "negative": len(words.negative),
+        "neutral": len(words.neutral),
+        "frames": len(TRAINING_FRAMES),
+    }
+    assert report["recipe"]["word_weight"] == 1.0
+    assert (
+        "words" not in train(dataclasses.replace(recipe, word_weight=0.0), None, log=print)["data"]
+    )

