@@ -19,7 +19,8 @@ last token. A word's credit is the summed reward of the tokens that cover its ch
 
 A checkpoint trained with the lexicon-word term (:mod:`.words`) has seen some adjectives in
 frames of its own: every figure is also given for the words it never saw there
-(``untrained``), the measure of what it learnt beyond its word list, and for those it did.
+(``untrained``), the measure of what it learnt beyond its word list, and for those it did
+(``--split-by-words`` splits any checkpoint the same way, to compare it with one trained so).
 
 Everything is reported, nothing is judged: the figures are an evaluation, not a test.
 """
@@ -118,7 +119,7 @@ SENTENCES = (
     ("the bed in the guest room is comfortable", "comfortable", 1),
     ("this little cafe is fantastic for breakfast", "fantastic", 1),
     ("the nurse was kind to my mother", "kind", 1),
-    # Words that are no adjective of the training lexicon (:mod:`.words`): never trained on.
+    # Words that are not adjectives of the training lexicon (:mod:`.words`): never trained on.
     ("the flight was cancelled an hour before boarding", "cancelled", -1),
     ("the landlord ignored every email we sent", "ignored", -1),
     ("the hotel overcharged us for parking", "overcharged", -1),
@@ -597,8 +598,8 @@ def format_report(report: dict[str, Any], *, top: int = 10) -> str:
             lines.append(f"{label:34}" + "".join(f"{_figure(c):>11}" for c in cells))
     if report["by_training"]:
         lines.append(
-            f"(untrained / trained: the lexicon words outside / inside the "
-            f"{report['trained_words']} training words split by)"
+            f"(untrained / trained: the lexicon words outside / inside the split's "
+            f"{report['trained_words']} training words)"
         )
     lines.append("(probes: the demo's own probe words in the same frames, for reference)")
 
