@@ -51,6 +51,7 @@ from tokenreward_service.demo.data import (
     split_by_text,
 )
 from tokenreward_service.demo.evaluate import pairwise_accuracy
+from tokenreward_service.demo.words import training_words
 from tokenreward_service.model import RewardModel
 from tokenreward_service.redistribution import redistribute
 from tokenreward_service.tokentext import TokenText
@@ -433,8 +434,6 @@ def training_counts(words: Iterable[str], model_dir: Path = MODEL_DIR) -> dict[s
 
 def split_words(min_polarity: float) -> frozenset[str]:
     """Every training word of :mod:`.words` at ``min_polarity``."""
-    from tokenreward_service.demo.words import training_words
-
     return training_words(min_polarity).all()
 
 

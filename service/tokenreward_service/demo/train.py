@@ -287,7 +287,8 @@ def _train_rm(
     log: Log,
     words: WordTexts | None = None,
 ) -> None:
-    """Bradley–Terry at EOS and at random prefixes, plus the neutral and EOS anchors."""
+    """Bradley–Terry at EOS and at random prefixes, plus the neutral and EOS anchors, and the
+    lexicon-word term when ``words`` are given."""
     sources = sorted({e.source for e in data})
     labels = torch.tensor([e.label for e in data])
     groups = torch.tensor([sources.index(e.source) for e in data])
@@ -325,7 +326,7 @@ def _train_rm(
             copy_final = prefix_scores(model, c_ids, c_mask)[torch.arange(len(half)), c_lens - 1]
             worse = -F.logsigmoid(final[: len(half)] - copy_final).mean()
             loss = loss + recipe.degenerate_weight * worse
-        if recipe.word_weight > 0 and words is not None:
+        if words is not None:
             loss = loss + recipe.word_weight * _word_loss(model, words, recipe, word_gen)
         return loss
 
@@ -363,20 +364,8 @@ def train(recipe: Recipe, out: Path | None, log: Log) -> dict[str, Any]:
     if recipe.lm_epochs > 0:
         model.model.load_state_dict(_lm_warmup(config, seqs, recipe, log))
     lap("lm_warmup")
-    lexicon = None
-    if recipe.word_weight > 0:
-        chosen = training_words(recipe.word_min_polarity)
-        lexicon = word_texts(tokenizer, chosen)
-        report_words = {
-            "distribution": WORDS_DISTRIBUTION,
-            "version": distribution(WORDS_DISTRIBUTION).version,
-            "file": WORDS_FILE,
-            "license": WORDS_LICENSE,
-            "positive": len(chosen.positive),
-            "negative": len(chosen.negative),
-            "neutral": len(chosen.neutral),
-            "frames": len(TRAINING_FRAMES),
-        }
+    chosen = training_words(recipe.word_min_polarity) if recipe.word_weight > 0 else None
+    lexicon = None if chosen is None else word_texts(tokenizer, chosen)
     _train_rm(model, seqs, train_set, recipe, log, lexicon)
     lap("reward_training")
     metrics, sample = evaluate(
@@ -398,8 +387,17 @@ def train(recipe: Recipe, out: Path | None, log: Log) -> dict[str, Any]:
         "recipe": dataclasses.asdict(recipe),
     }
     report["data"] = {"corpus": len(corpus), "train": len(train_set), "heldout": len(heldout)}
-    if lexicon is not None:
-        report["data"]["words"] = report_words
+    if chosen is not None:
+        report["data"]["words"] = {
+            "distribution": WORDS_DISTRIBUTION,
+            "version": distribution(WORDS_DISTRIBUTION).version,
+            "file": WORDS_FILE,
+            "license": WORDS_LICENSE,
+            "positive": len(chosen.positive),
+            "negative": len(chosen.negative),
+            "neutral": len(chosen.neutral),
+            "frames": len(TRAINING_FRAMES),
+        }
     report |= {"heldout": metrics, "examples": examples, "seconds": seconds}
     report["model"] = {"parameters": params, "vocab_size": len(tokenizer)}
     report["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
