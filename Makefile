@@ -65,7 +65,7 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(BIN)/python -m tokenreward_service.bench.gpu $(ARGS)
 
-# Retrain the embedded demo RM from scratch (about 4 minutes on 2 idle CPU cores).
+# Retrain the embedded demo RM from scratch (about 6 minutes on 2 CPU cores).
 demo-model: $(STAMP)
 	$(BIN)/python -m tokenreward_service.demo.train $(ARGS)
 

@@ -123,3 +123,21 @@ def test_explain_on_the_demo_rm() -> None:
     shown = re.search(r"on the demo RM:\n\n```text\n(.*?)\n```", readme, flags=re.S)
     assert shown is not None
     assert shown.group(1) == render_terminal(result, colour=False)
+
+
+def test_the_readme_prose_after_the_example_states_the_demo_rm_s_rewards() -> None:
+    from tokenreward_service.app import DEMO_MODEL
+
+    model = load_reward_model(DEMO_MODEL, device="cpu")
+    texts = ["what a great day, thanks everyone", "the meeting is at 3pm today"]
+    with LiveServer(Settings(), model=model) as server, RewardClient(server.url) as client:
+        results = client.rewards([{"prompt": "", "response": text} for text in texts])
+    great, meeting = (
+        dict(zip(r.response_tokens or [], r.token_rewards, strict=True)) for r in results
+    )
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    for stated in (
+        f'puts {great[" great"]:+.2f} on "great" and {great[" thanks"]:+.2f} on "thanks"',
+        f'"pm" takes {meeting["pm"]:+.2f}'.replace("-", "\u2212"),
+    ):
+        assert stated in readme, stated

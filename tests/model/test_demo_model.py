@@ -1,6 +1,6 @@
 """The committed demo sentiment RM: it loads through the real path, ranks held-out tweets as its
 report says, and its per-token credit, read exactly as the service reads it, lands on the words
-that carry the sentiment.
+that carry the sentiment in sentences written for evaluation, and stays small in neutral ones.
 """
 
 from __future__ import annotations
@@ -14,6 +14,13 @@ import pytest
 import torch
 
 from tokenreward_service.demo import MODEL_DIR
+from tokenreward_service.demo.lexicon import (
+    NEUTRAL_SENTENCES,
+    SENTENCES,
+    neutral_rows,
+    sentence_ranks,
+    sentence_summary,
+)
 from tokenreward_service.loading import load_reward_model
 from tokenreward_service.model import RewardModel
 from tokenreward_service.redistribution import redistribute
@@ -108,50 +115,34 @@ def test_heldout_positive_beats_negative_as_reported(
     assert report["heldout"]["pos_vs_neg"] >= 0.85
 
 
-def _word_and_rest(
-    model: RewardModel, text: str, word: str
-) -> tuple[float, list[float], list[tuple[str, float]]]:
-    """The summed reward of the tokens of ``word`` in ``text``, the others' rewards, all."""
-    credit = served_credit(model, text)
-    tokenizer = model.tokenizer
-    assert tokenizer is not None
-    spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    start, end = text.index(word), text.index(word) + len(word)
-    inside = [a < end and b > start for a, b in spans["offset_mapping"]]
-    rewards = [r for _, r in credit]
-    rest = [r for r, hit in zip(rewards, inside, strict=True) if not hit]
-    return sum(r for r, hit in zip(rewards, inside, strict=True) if hit), rest, credit
+# Floors of the sentence figures: the shipped recipe's worst of seeds 0, 1 and 2, rounded
+# towards failing (docs/demo-rm-recipes.json); the recipe before the word term, at its best
+# seed, gets the figure in brackets, so each floor tells the two apart.
+SIGN_RIGHT = 0.75  # worst seed 0.75 (0.725)
+RANK_1 = 0.45  # 0.475 (0.30)
+MEAN_RANK = 2.75  # 2.65 (3.6)
+NEUTRAL_QUIET = 0.4  # 0.406 (0.156)
+NEUTRAL_TOP = 0.7  # 0.634 (0.868)
+NEUTRAL_CHANGE = 0.5  # 0.475 (0.231): a bound, not a separator
 
 
-@pytest.mark.parametrize(
-    ("text", "word", "sign"),
-    [
-        ("I love this", "love", 1),
-        ("the crew was great", "great", 1),
-        ("this is the worst day ever", "worst", -1),
-        ("the food was terrible", "terrible", -1),
-        ("the staff were rude", "rude", -1),
-    ],
-)
-def test_the_sentiment_word_gets_the_credit(
-    demo: RewardModel, text: str, word: str, sign: int
-) -> None:
-    reward, rest, credit = _word_and_rest(demo, text, word)
-    assert sign * reward > 0, credit
-    assert sign * reward > max(sign * r for r in rest), credit  # the strongest of its sign
-    assert abs(reward) > 3 * sum(abs(r) for r in rest) / len(rest), credit  # and stands out
+@pytest.fixture(scope="module")
+def sentences(demo: RewardModel) -> dict[str, float]:
+    """The sentence figures of the lexicon evaluation: 40 sentences with one sentiment word
+    each and 32 neutral ones, all written for evaluation and none used to choose the recipe."""
+    return sentence_summary(sentence_ranks(demo), neutral_rows(demo))
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "the meeting is at 3pm today",
-        "the phone has a new camera",
-        "we took the bus to the office",
-        "the crew was here",
-    ],
-)
-def test_neutral_words_get_little_credit(demo: RewardModel, text: str) -> None:
-    great, _, _ = _word_and_rest(demo, "the crew was great", "great")
-    credit = served_credit(demo, text)
-    assert max(abs(r) for _, r in credit) < 0.5 * great, credit
+def test_sentiment_words_it_was_not_tuned_on_get_the_credit(sentences: dict[str, float]) -> None:
+    # Chance: the right sign half the time, the largest of a sentence's ~8 tokens one time in 8.
+    assert sentences["sentences"] == len(SENTENCES) == 40
+    assert sentences["sign_right"] >= SIGN_RIGHT, sentences
+    assert sentences["rank_1"] >= RANK_1, sentences
+    assert sentences["mean_rank"] <= MEAN_RANK, sentences
+
+
+def test_neutral_sentences_get_little_credit(sentences: dict[str, float]) -> None:
+    assert sentences["neutral_sentences"] == len(NEUTRAL_SENTENCES)
+    assert sentences["neutral_quiet"] >= NEUTRAL_QUIET, sentences
+    assert sentences["neutral_top_over_word"] <= NEUTRAL_TOP, sentences
+    assert sentences["neutral_change_over_word"] <= NEUTRAL_CHANGE, sentences

@@ -1,7 +1,7 @@
 """The lexicon evaluation of the demo RM: the published lexicon is found through its
 distribution and read whole, the words the demo was tuned on are really left out, and a word's
 credit is the service's token rewards summed over the word's tokens. The evaluation reports
-figures; no test here judges them.
+figures; the floors the shipped model must keep are in ``test_demo_model.py``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from tokenreward_service.demo import MODEL_DIR
-from tokenreward_service.demo.data import EXAMPLES, NEUTRAL, PROBES
+from tokenreward_service.demo.data import EXAMPLES, NEUTRAL, PROBES, hand_written_words
 from tokenreward_service.demo.evaluate import credit, score_texts
 from tokenreward_service.demo.lexicon import (
     FRAMES,
+    NEUTRAL_SENTENCES,
+    QUIET,
     SENTENCES,
     Placement,
     credit_figures,
@@ -29,15 +31,18 @@ from tokenreward_service.demo.lexicon import (
     lexicon_path,
     load_lexicon,
     main,
+    neutral_rows,
     place_words,
     read_texts,
     sentence_ranks,
+    sentence_summary,
     spearman,
     split_words,
     trained_words,
     training_counts,
     word_credit,
 )
+from tokenreward_service.demo.words import load_polarities
 from tokenreward_service.loading import load_reward_model
 from tokenreward_service.model import RewardModel
 
@@ -123,6 +128,18 @@ def test_frames_and_sentences_carry_no_other_sentiment_word(lexicon: dict[str, f
     assert sorted(sign for _, _, sign in SENTENCES) == [-1] * 20 + [1] * 20
 
 
+def test_neutral_sentences_carry_no_sentiment_or_training_word(lexicon: dict[str, float]) -> None:
+    polarities = load_polarities()
+    hand_written = hand_written_words()
+    function_words = {"the", "a", "at", "is", "was", "to", "my", "we", "i", "and", "with", "this"}
+    assert len(set(NEUTRAL_SENTENCES)) == len(NEUTRAL_SENTENCES) >= 30
+    for text in NEUTRAL_SENTENCES:
+        words = _words(text)
+        assert not [w for w in words if w in lexicon or w in polarities], text
+        assert not [w for w in words if w in hand_written and w not in function_words], text
+    assert not set(NEUTRAL_SENTENCES) & {text for text, _, _ in SENTENCES}
+
+
 def test_word_credit_is_the_sum_of_the_token_rewards_over_the_word(demo: RewardModel) -> None:
     from transformers import LlamaForSequenceClassification
 
@@ -177,6 +194,43 @@ def test_sentence_ranks_count_the_word_as_one_and_rank_by_magnitude(demo: Reward
     assert abs(row["top_reward"]) == max(abs(r) for r in others)
 
 
+def test_neutral_rows_take_the_largest_reward_and_the_end_change(demo: RewardModel) -> None:
+    texts = ["the bus leaves at seven", "she called her sister"]
+    rows = neutral_rows(demo, texts)
+    for row, reading in zip(rows, read_texts(demo, texts), strict=True):
+        rewards = [r for _, r, _ in reading.tokens]
+        assert row["text"] == reading.text
+        assert abs(row["top_reward"]) == max(map(abs, rewards))
+        assert (
+            row["top"] == reading.tokens[[abs(r) for r in rewards].index(max(map(abs, rewards)))][0]
+        )
+        assert row["mean_abs"] == pytest.approx(sum(map(abs, rewards)) / len(rewards))
+        assert row["score_change"] == pytest.approx(sum(rewards), abs=1e-5)
+
+
+def test_sentence_summary_counts_what_it_says() -> None:
+    sentences = [
+        {"credit": 0.8, "sign": 1, "rank": 1, "score_change": 1.0},
+        {"credit": -0.4, "sign": 1, "rank": 2, "score_change": -0.5},  # wrong sign
+        {"credit": -0.2, "sign": -1, "rank": 3, "score_change": -2.0},
+    ]
+    # the words' median |credit| is 0.4: quiet below QUIET * 0.4
+    neutral = [
+        {"top_reward": 0.9 * QUIET * 0.4, "score_change": 0.1},
+        {"top_reward": -1.1 * QUIET * 0.4, "score_change": -0.3},
+        {"top_reward": 0.0, "score_change": 0.2},
+    ]
+    summary = sentence_summary(sentences, neutral)
+    assert summary["sentences"] == summary["neutral_sentences"] == 3
+    assert summary["sign_right"] == pytest.approx(2 / 3)
+    assert summary["rank_1"] == pytest.approx(1 / 3)
+    assert summary["mean_rank"] == 2.0
+    assert summary["word_credit"] == pytest.approx(0.4)
+    assert summary["neutral_quiet"] == pytest.approx(2 / 3)
+    assert summary["neutral_top_over_word"] == pytest.approx(0.9 * QUIET)
+    assert summary["neutral_change_over_word"] == pytest.approx(0.2 / 1.0)
+
+
 def test_spearman_uses_mean_ranks_for_ties() -> None:
     assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -222,6 +276,17 @@ def test_training_counts_come_from_the_demo_corpus() -> None:
     assert counts["zzzqxv"] == 0
 
 
+def test_the_readme_counts_times_of_day_in_the_training_tweets() -> None:
+    from tokenreward_service.demo.data import LABELS, load_corpus, split_by_text
+
+    train, _ = split_by_text(load_corpus(), seed=0, heldout_fraction=0.1)
+    times = [e.label for e in train if re.search(r"\d\s?pm\b", e.text.lower())]
+    negative, positive = times.count(LABELS["negative"]), times.count(LABELS["positive"])
+    assert negative > 10 * positive  # what makes "pm" negative to the RM
+    stated = f"is in {negative} negative training tweets and {positive} positive ones"
+    assert stated in _readme()
+
+
 def test_the_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report.json"
     assert main(["--limit", "3", "--top", "2", "--no-corpus", "--json", str(out)]) == 0
@@ -232,6 +297,10 @@ def test_the_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (lex["evaluated"], lex["positive"], lex["negative"]) == (6, 3, 3)
     assert report["lexicon_words"]["texts"] == 6 * len(FRAMES)
     assert len(report["sentences"]) == len(SENTENCES)
+    assert [row["text"] for row in report["neutral_sentences"]] == list(NEUTRAL_SENTENCES)
+    assert report["sentence_summary"] == sentence_summary(
+        report["sentences"], report["neutral_sentences"]
+    )
     trained = trained_words()
     assert report["trained_words"] == len(trained)
     assert [row["trained"] for row in report["sentences"]] == [
@@ -250,6 +319,9 @@ def test_the_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
         "lexicon words by frame",
         "rank 1: ",
         "worst misses: ",
+        "neutral sentences: the token of largest |reward|",
+        NEUTRAL_SENTENCES[0],
+        "quiet: ",
     ):
         assert line in printed.out, line
     assert "by occurrences in the training tweets" not in printed.out
@@ -257,7 +329,7 @@ def test_the_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-WORD_TERM = Path(__file__).resolve().parents[2] / "docs/demo-rm-word-term.json"
+RECIPES = Path(__file__).resolve().parents[2] / "docs/demo-rm-recipes.json"
 _TABLE_ROWS = {
     "all": ("lexicon_words",),
     "not a training adjective": ("by_training", "untrained"),
@@ -288,6 +360,7 @@ def test_the_readme_lexicon_figures_are_the_shipped_model_s(shipped: dict[str, A
     text = _readme()
     words, rows = shipped["lexicon_words"], shipped["sentences"]
     dirty = next(row for row in rows if row["word"] == "dirty")
+    summary = shipped["sentence_summary"]
     for stated in (
         f"AUC **{words['auc']:.2f}** (its own 18 probe words in the same frames: "
         f"{shipped['probe_words']['auc']:.2f}), Spearman {words['spearman']:.2f}",
@@ -296,8 +369,9 @@ def test_the_readme_lexicon_figures_are_the_shipped_model_s(shipped: dict[str, A
         f"{shipped['by_training_frequency']['10+']['auc']:.2f}",
         f"right sign in {sum(r['credit'] * r['sign'] > 0 for r in rows)} and is the "
         f"sentence's largest in {sum(r['rank'] == 1 for r in rows)}; "
-        f'"dirty" gets {dirty["credit"]:+.2f}',
+        f'"dirty" gets {dirty["credit"]:+.2f}'.replace("-", "\u2212"),
         f"{shipped['lexicon']['evaluated']:,} words of the VADER sentiment lexicon",
+        f"{round(summary['neutral_quiet'] * summary['neutral_sentences'])} are *quiet*",
     ):
         assert stated in text, stated
 
@@ -310,40 +384,86 @@ def _table() -> list[tuple[str, ...]]:
     )
 
 
-def test_the_readme_word_term_table_is_its_report_and_the_shipped_model_s(
+def test_the_readme_word_term_table_is_the_shipped_model_s_and_the_previous_one_s(
     shipped: dict[str, Any],
 ) -> None:
-    """The word-term model's columns are its committed report (a checkpoint not shipped,
-    rebuilt by ``make demo-model ARGS=...``); the last column is re-measured here."""
-    document = json.loads(WORD_TERM.read_text())
-    report = document["word_term_model"]["lexicon"]
+    """AUC and Spearman are re-measured on the shipped checkpoint; the last column is the
+    checkpoint shipped before the word term, as measured in the committed recipe document."""
+    document = json.loads(RECIPES.read_text())
+    previous = document["previous_checkpoint"]["lexicon"]
     rows = _table()
     assert [row[0] for row in rows] == list(_TABLE_ROWS)
-    for name, words, auc, rank_correlation, shipped_auc in rows:
-        figures = _figures(report, name)
+    for name, words, auc, rank_correlation, previous_auc in rows:
+        figures = _figures(shipped, name)
         assert figures["words"] == int(words.replace(",", "")), name
         assert f"{figures['auc']:.2f}" == auc, name
         assert f"{figures['spearman']:.2f}" == rank_correlation, name
-        assert f"{_figures(shipped, name)['auc']:.2f}" == shipped_auc, name
-        assert _figures(document["shipped_model_same_split"], name) == pytest.approx(
-            _figures(shipped, name)
-        )
-    assert report["trained_words"] == len(split_words(0.3)) == 861
-    sentences = report["sentences"]
-    heldout = document["word_term_model"]["training_report"]["heldout"]
-    recipe = document["word_term_model"]["training_report"]["recipe"]
+        assert f"{_figures(previous, name)['auc']:.2f}" == previous_auc, name
+    assert shipped["trained_words"] == len(split_words(0.3)) == 861
+
+
+def _recipe_rows() -> list[list[str]]:
+    section = README.read_text().split("| recipe | seed |")[1].split("\n\n")[0]
+    return [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in section.splitlines()[2:]
+        if line.strip().startswith("|")
+    ]
+
+
+def test_the_readme_seed_table_is_the_committed_recipe_document() -> None:
+    """Every figure of the README's recipe-by-seed table is the committed document's, and the
+    shipped checkpoint is the document's chosen recipe at seed 0 (same weights revision)."""
+    document = json.loads(RECIPES.read_text())
+    runs = document["runs"]
+    rows = _recipe_rows()
+    assert len(rows) == len(runs) >= 9
+    for row, run in zip(rows, runs, strict=True):
+        sentences = run["sentences"]
+        assert row == [
+            run["recipe"],
+            str(run["seed"]),
+            f"{run['heldout']['pos_vs_neg']:.3f}",
+            f"{run['lexicon_auc_untrained']:.2f}",
+            f"{round(sentences['sign_right'] * 40)} / {round(sentences['rank_1'] * 40)}",
+            f"{round(sentences['neutral_quiet'] * sentences['neutral_sentences'])}",
+            f"{run['degenerate_above_copy']['thanks']:.2f}",
+        ]
+    chosen = [run for run in runs if run["recipe"] == document["chosen"]]
+    assert {run["seed"] for run in chosen} == {0, 1, 2}
+    revision = load_reward_model(MODEL_DIR, device="cpu", dtype="float32").spec.revision
+    assert next(run for run in chosen if run["seed"] == 0)["revision"] == revision
+    recipe = json.loads((MODEL_DIR / "report.json").read_text())["recipe"]
+    for key, value in chosen[0]["recipe_changes"].items():
+        assert recipe[key] == value, key
+    means = {name: recipe["mean_over_seeds"] for name, recipe in document["recipes"].items()}
+    chosen_auc = means[document["chosen"]]["lexicon_auc_untrained"]
+    # the rule: the best mean untrained-word AUC, its mean held-out accuracy kept within 0.01
+    assert chosen_auc == max(m["lexicon_auc_untrained"] for m in means.values())
+    held_out = means[document["chosen"]]["heldout_pos_vs_neg"]
+    assert held_out >= means["previous"]["heldout_pos_vs_neg"] - 0.01
     text = _readme()
     for stated in (
-        f"the word is the largest credit in {sum(r['rank'] == 1 for r in sentences)} "
-        f"({sum(r['rank'] == 1 for r in shipped['sentences'])})",
-        f"negative: {heldout['pos_vs_neg']:.3f} (",
-        f'ARGS="--word-weight {recipe["word_weight"]:g} --rm-epochs {recipe["rm_epochs"]:g}"',
+        f"means {means[document['chosen']]['heldout_pos_vs_neg']:.3f} for the chosen recipe, "
+        f"{means['previous']['heldout_pos_vs_neg']:.3f} before",
+        f"mean AUC {means['word term, weight 1']['lexicon_auc_untrained']:.4f} and "
+        f"{chosen_auc:.4f}",
+        f"seed 0, trained on another machine) scored "
+        f"{document['previous_checkpoint']['row']['heldout']['pos_vs_neg']:.3f} held-out",
     ):
         assert stated in text, stated
+    # the README's degenerate-copy figures are the shipped checkpoint's (seed 0's) run
+    shares = next(run for run in chosen if run["seed"] == 0)["degenerate_above_copy"]
+    assert (
+        f"its last words repeated three times {shares['repeat']:.2f}, its words shuffled "
+        f"{shares['shuffle']:.2f}, five random words appended {shares['salad']:.2f}, and "
+        f'" Thanks! Thanks! Thanks!" appended **{shares["thanks"]:.2f}**'
+    ) in text
 
 
-def test_the_readme_states_the_held_out_accuracy_of_the_report() -> None:
-    heldout = json.loads((MODEL_DIR / "report.json").read_text())["heldout"]
+def test_the_readme_states_the_held_out_accuracy_and_training_time_of_the_report() -> None:
+    report = json.loads((MODEL_DIR / "report.json").read_text())
+    heldout = report["heldout"]
     stated = re.search(
         r"positive vs negative \*\*([\d.]+)\*\*, positive vs neutral ([\d.]+), "
         r"neutral vs negative (\d\.\d+)",
@@ -353,3 +473,5 @@ def test_the_readme_states_the_held_out_accuracy_of_the_report() -> None:
     assert stated.groups() == tuple(
         f"{heldout[key]:.3f}" for key in ("pos_vs_neg", "pos_vs_neu", "neu_vs_neg")
     )
+    seconds = round(report["seconds"]["total"])
+    assert f"({seconds // 60} min {seconds % 60} s measured)" in _readme()

@@ -14,7 +14,13 @@ import torch
 
 from tokenreward_service.demo.data import PROBES, build_tokenizer, hand_written_words
 from tokenreward_service.demo.evaluate import pad_batch, prefix_scores
-from tokenreward_service.demo.lexicon import FRAMES, SENTENCES, load_lexicon, trained_words
+from tokenreward_service.demo.lexicon import (
+    FRAMES,
+    NEUTRAL_SENTENCES,
+    SENTENCES,
+    load_lexicon,
+    trained_words,
+)
 from tokenreward_service.demo.train import Recipe, _config, _optimise, _word_loss, word_texts
 from tokenreward_service.demo.words import (
     TRAINING_FRAMES,
@@ -90,7 +96,7 @@ def test_training_frames_share_nothing_with_what_the_demo_is_measured_on() -> No
         words = _words(frame)
         assert not [w for w in words if w in vader or polarities.get(w, (0.0, 0.0))[0]], frame
     # no evaluation frame or sentence holds three words in a row of a training frame
-    measured = [*(text for text, _, _ in SENTENCES), *FRAMES]
+    measured = [*(text for text, _, _ in SENTENCES), *NEUTRAL_SENTENCES, *FRAMES]
     for frame in TRAINING_FRAMES:
         for part in (p.split() for p in frame.split("{}")):
             for run in zip(part, part[1:], part[2:], strict=False):

@@ -15,14 +15,16 @@ included, ``EXAMPLES`` and ``NEUTRAL``) is put in each of :data:`FRAMES`, neutra
 written for this check (none of their words is in the lexicon), and read as the service reads a
 text response to the empty prompt: ``[BOS] + text tokens + [EOS]``, the EOS step folded into the
 last token. A word's credit is the summed reward of the tokens that cover its characters.
-:data:`SENTENCES` are whole sentences with one clear sentiment word each.
+:data:`SENTENCES` are whole sentences with one clear sentiment word each, and
+:data:`NEUTRAL_SENTENCES` everyday sentences with none, where the credit should stay small.
 
 A checkpoint trained with the lexicon-word term (:mod:`.words`) has seen some adjectives in
 frames of its own: every figure is also given for the words it never saw there
 (``untrained``), the measure of what it learnt beyond its word list, and for those it did
 (``--split-by-words`` splits any checkpoint the same way, to compare it with one trained so).
 
-Everything is reported, nothing is judged: the figures are an evaluation, not a test.
+Everything is reported, nothing is judged here; the sentence figures
+(:func:`sentence_summary`) have floors that the shipped checkpoint must keep, in the tests.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ __all__ = [
     "LEXICON_DISTRIBUTION",
     "LEXICON_FILE",
     "MIN_VALENCE",
+    "NEUTRAL_SENTENCES",
+    "QUIET",
     "SENTENCES",
     "Placement",
     "Reading",
@@ -72,9 +76,11 @@ __all__ = [
     "lexicon_path",
     "load_lexicon",
     "main",
+    "neutral_rows",
     "place_words",
     "read_texts",
     "sentence_ranks",
+    "sentence_summary",
     "spearman",
     "split_words",
     "trained_words",
@@ -142,6 +148,49 @@ SENTENCES = (
     ("the firefighters rescued the cat from the roof", "rescued", 1),
     ("the garden bloomed early this spring", "bloomed", 1),
 )
+
+NEUTRAL_SENTENCES = (
+    # No word of VADER's lexicon or of the training lexicon (:mod:`.words`), no content word
+    # of the demo's hand-written texts.
+    "the coach leaves the station at seven",
+    "my brother moved to a town by the river",
+    "the report goes to the board on friday afternoon",
+    "we bought bread and milk on the way home",
+    "the train to leeds calls at four stations",
+    "she works on floor four of the building",
+    "the library opens at nine on weekdays",
+    "he parked the car by the house",
+    "the shop sells shoes and bags",
+    "our class begins after the lunch break",
+    "the package was sent on tuesday",
+    "they painted the kitchen in march",
+    "the museum is across from the town hall",
+    "i put my umbrella in the hallway",
+    "the match will be shown on channel four",
+    "my cousin studies chemistry in madrid",
+    "the bridge was built in 1920",
+    "we watched the news after dinner",
+    "the copier is on the ground floor",
+    "he reads the paper every morning",
+    "the plane lands at gate twelve",
+    "the soup this week is tomato",
+    "the children walk to school together",
+    "she called her sister on sunday",
+    "the store closes at eight on fridays",
+    "we are moving the desk into the hall",
+    "the email came from the finance team",
+    "the ticket costs twelve dollars",
+    "the garden is beside the garage",
+    "he wrote the address on the envelope",
+    "the hotel is two streets from the station",
+    "my appointment with the dentist is on monday",
+)
+"""Everyday sentences with no sentiment, written for this check: how much credit the RM puts
+where there is none to give, on the scale of :data:`SENTENCES`' words."""
+
+QUIET = 0.5
+"""A neutral sentence is quiet when its largest |reward| is below this share of the median
+|credit| of the sentiment words of :data:`SENTENCES`."""
 
 _WORD = re.compile(r"[a-z]+")
 _FREQUENCY_BINS = (("unseen", 0, 0), ("1-9", 1, 9), ("10+", 10, None))
@@ -412,6 +461,49 @@ def sentence_ranks(
     return rows
 
 
+def neutral_rows(
+    model: RewardModel, sentences: Sequence[str] = NEUTRAL_SENTENCES
+) -> list[dict[str, Any]]:
+    """Each neutral sentence's token of largest |reward|, its mean |reward| and the change of
+    the score from BOS to the end (the summed rewards)."""
+    rows = []
+    for reading in read_texts(model, sentences):
+        top = max(reading.tokens, key=lambda token: abs(token[1]))
+        rewards = [abs(r) for _, r, _ in reading.tokens]
+        rows.append(
+            {
+                "text": reading.text,
+                "top": top[0],
+                "top_reward": top[1],
+                "mean_abs": sum(rewards) / len(rewards),
+                "score_change": reading.score - reading.prompt_score,
+            }
+        )
+    return rows
+
+
+def sentence_summary(
+    sentences: Sequence[dict[str, Any]], neutral: Sequence[dict[str, Any]]
+) -> dict[str, float]:
+    """What the sentences say, on the scale of the model's own credit: ``word_credit`` is the
+    median |credit| of the sentiment words of :func:`sentence_ranks`' rows; a neutral sentence
+    is ``quiet`` when its largest |reward| is below :data:`QUIET` of it."""
+    scale = statistics.median(abs(row["credit"]) for row in sentences)
+    return {
+        "sentences": len(sentences),
+        "sign_right": _share(row["credit"] * row["sign"] > 0 for row in sentences),
+        "rank_1": _share(row["rank"] == 1 for row in sentences),
+        "mean_rank": sum(row["rank"] for row in sentences) / len(sentences),
+        "word_credit": scale,
+        "neutral_sentences": len(neutral),
+        "neutral_quiet": _share(abs(row["top_reward"]) < QUIET * scale for row in neutral),
+        "neutral_top_over_word": statistics.median(abs(row["top_reward"]) for row in neutral)
+        / scale,
+        "neutral_change_over_word": statistics.median(abs(row["score_change"]) for row in neutral)
+        / statistics.median(abs(row["score_change"]) for row in sentences),
+    }
+
+
 def training_counts(words: Iterable[str], model_dir: Path = MODEL_DIR) -> dict[str, int] | None:
     """How often each word occurs in the checkpoint's training tweets (its report's split of
     the demo corpus), or None where the corpus is not installed."""
@@ -509,6 +601,8 @@ def evaluate_lexicon(
             ]
             if {p.valence > 0 for p in inside} == {True, False}:
                 by_frequency[name] = credit_figures(inside)
+    sentences = [{**row, "trained": row["word"] in trained} for row in sentence_ranks(model)]
+    neutral = neutral_rows(model)
     dist = distribution(LEXICON_DISTRIBUTION)
     return {
         "lexicon": {
@@ -540,7 +634,9 @@ def evaluate_lexicon(
             frame: credit_figures([p for p in placements if p.frame == frame]) for frame in FRAMES
         },
         "by_training_frequency": by_frequency,
-        "sentences": [{**row, "trained": row["word"] in trained} for row in sentence_ranks(model)],
+        "sentences": sentences,
+        "neutral_sentences": neutral,
+        "sentence_summary": sentence_summary(sentences, neutral),
         "words": word_rows,
     }
 
@@ -645,6 +741,24 @@ def format_report(report: dict[str, Any], *, top: int = 10) -> str:
             f"mean rank {sum(ranks) / len(ranks):.2f}, "
             f"sign right: {_share(row['credit'] * row['sign'] > 0 for row in group):.2f}"
         )
+
+    summary = report["sentence_summary"]
+    lines += [
+        "",
+        f"neutral sentences: the token of largest |reward| (quiet: below {QUIET:g} of the "
+        f"sentiment words' median |credit|, {summary['word_credit']:.3f})",
+    ]
+    for row in report["neutral_sentences"]:
+        quiet = "quiet" if abs(row["top_reward"]) < QUIET * summary["word_credit"] else "LOUD"
+        lines.append(
+            f"  {row['top_reward']:+.3f} {quiet:5} {row['text']}  [{row['top']!r}; "
+            f"end {row['score_change']:+.3f}]"
+        )
+    lines.append(
+        f"  quiet: {summary['neutral_quiet']:.2f} of {summary['neutral_sentences']}; median "
+        f"largest |reward| over word |credit|: {summary['neutral_top_over_word']:.2f}; median "
+        f"|end change| over the sentiment sentences': {summary['neutral_change_over_word']:.2f}"
+    )
 
     if top > 0:
         words = report["words"]
