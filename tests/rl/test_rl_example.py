@@ -176,3 +176,109 @@ def test_the_readme_table_is_the_committed_comparison() -> None:
         assert cells[4] == f"{statistics.fmean(reach):.0f} ({per_seed})"
         assert cells[5] == f"{statistics.fmean(arm['final_kl']):.1f}"
         assert cells[6] == f"{statistics.fmean(arm['final_length']):.1f}"
+
+
+def _arm(summary: dict[str, Any], beta_c: float) -> dict[str, Any]:
+    return next(arm for arm in summary["arms"].values() if arm["beta_c"] == beta_c)
+
+
+def _rl_prose() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Train a policy on the rewards") :]
+    return section[: section.index("\n## ")]
+
+
+def test_the_readme_prose_after_the_table_is_the_committed_runs() -> None:
+    """The figures and samples the README quotes come from docs/rl and docs/rl/length32."""
+    import re
+    import statistics
+
+    from tokenreward_service.demo.data import LABELS, load_corpus, split_by_text
+
+    section = _rl_prose()
+    text = " ".join(section.split())
+    summary = json.loads((ROOT / "docs/rl/rl-summary.json").read_text())
+    runs = {p.stem: json.loads(p.read_text()) for p in (ROOT / "docs/rl/runs").glob("*.json")}
+    sparse, dense = _arm(summary, 0.0), _arm(summary, 1.0)
+    assert max(dense["updates_to_target"]) < statistics.median(sparse["updates_to_target"])
+    ratio = statistics.fmean(sparse["updates_to_target"]) / statistics.fmean(
+        dense["updates_to_target"]
+    )
+
+    def critic(beta: str) -> str:
+        losses = [
+            statistics.fmean(u["value_loss"] for u in run["curves"][:10])
+            for name, run in runs.items()
+            if name.startswith(f"beta{beta}-")
+        ]
+        return f"{min(losses):.2f}–{max(losses):.2f}"
+
+    finals = [s for run in runs.values() for s in run["samples"]["end"]]
+    start = next(
+        s for s in runs["beta1-seed0"]["samples"]["start"] if s["prompt"] == "no because you"
+    )
+    for stated in (
+        f"the whole comparison took {summary['seconds'] / 60:.1f} minutes",
+        "every dense seed reached 2.0 before the median sparse seed",
+        f"{ratio:.2f}x fewer updates on average",
+        f"first 10 updates at {critic('1')} per seed against {critic('0')} for sparse",
+        f"({start['score']:+.2f})".replace("-", "\u2212"),
+        f"{sum('thank' in s['response'].lower() for s in finals)} of the {len(finals)} final "
+        "samples",
+        f"and {sum('#coachella2015' in s['response'].lower() for s in finals)} carry the hashtag",
+    ):
+        assert stated in text, stated
+    assert f'"no because you" -> "{start["response"]}"' in text
+    # every quoted sample is an end sample of the run it names, with its score
+    block = re.search(r"At the end most samples read like\n\n```text\n(.*?)```", section, re.S)
+    assert block is not None
+    lines = block.group(1).strip().splitlines()
+    assert len(lines) >= 3
+    arms = {"sparse": "0", "mixed": "0.5", "dense": "1"}
+    for line in lines:
+        quoted = re.fullmatch(
+            r'"(.+?)"\s+-> "(.+?)"\s+score ([+-]\d+\.\d\d) \((\w+), seed (\d)\)', line
+        )
+        assert quoted is not None, line
+        prompt, response, score, arm, seed = quoted.groups()
+        run = runs[f"beta{arms[arm]}-seed{seed}"]
+        assert any(
+            (s["prompt"], s["response"], f"{s['score']:+.2f}") == (prompt, response, score)
+            for s in run["samples"]["end"]
+        ), line
+    # the corpus counts behind the optimum
+    train, _ = split_by_text(load_corpus(), seed=0, heldout_fraction=0.1)
+    counts = {}
+    for word in ("thank", "#coachella2015"):
+        labels = [e.label for e in train if word in e.text.lower()]
+        counts[word] = labels.count(LABELS["positive"]), labels.count(LABELS["negative"])
+    thank, festival = counts["thank"], counts["#coachella2015"]
+    assert (
+        f'"thank" is in {thank[0]:,} positive training tweets and {thank[1]:,} negative ones, '
+        f"#Coachella2015 in {festival[0]:,} and {festival[1]:,}"
+    ) in text
+    # the longer-response run
+    long = json.loads((ROOT / "docs/rl/length32/rl-summary.json").read_text())
+    parts = []
+    for beta, name in ((0.0, "sparse"), (1.0, "dense")):
+        arm = _arm(long, beta)
+        reach = arm["updates_to_target"]
+        parts.append(
+            f"{name} reaches 2.0 in {statistics.fmean(reach):.0f} updates "
+            f"({', '.join(map(str, reach))})"
+        )
+    sparse_long, dense_long = _arm(long, 0.0), _arm(long, 1.0)
+    parts.append(
+        "final scores "
+        + " and ".join(
+            f"{statistics.fmean(a['final_score']):+.2f} ± {statistics.stdev(a['final_score']):.2f}"
+            for a in (sparse_long, dense_long)
+        )
+    )
+    parts.append(
+        f"end at about {statistics.fmean(sparse_long['final_length']):.0f} and "
+        f"{statistics.fmean(dense_long['final_length']):.0f} tokens"
+    )
+    assert f"`docs/rl/length32/`, {long['seconds'] / 60:.1f} minutes" in text
+    for part in parts:
+        assert part in text, part
