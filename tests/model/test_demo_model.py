@@ -129,7 +129,8 @@ NEUTRAL_CHANGE = 0.5  # 0.475 (0.231): a bound, not a separator
 @pytest.fixture(scope="module")
 def sentences(demo: RewardModel) -> dict[str, float]:
     """The sentence figures of the lexicon evaluation: 40 sentences with one sentiment word
-    each and 32 neutral ones, all written for evaluation and none used to choose the recipe."""
+    each and 32 neutral ones, all written for evaluation (none is a training text), and not
+    among the measures of the rule that chose the recipe."""
     return sentence_summary(sentence_ranks(demo), neutral_rows(demo))
 
 
