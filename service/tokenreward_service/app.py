@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import tempfile
@@ -17,10 +18,11 @@ from prometheus_client import CollectorRegistry
 from tokenreward_service.batching import Batcher, BatcherConfig
 from tokenreward_service.config import Settings
 from tokenreward_service.conversations import Preparer, load_policy_tokenizers
+from tokenreward_service.engine import EngineModel, EngineProcess
 from tokenreward_service.errors import ModelLoadError
-from tokenreward_service.loading import load_reward_model
+from tokenreward_service.loading import load_reward_model, resolve_device
 from tokenreward_service.metrics import Metrics
-from tokenreward_service.model import ModelSpec, RewardModel
+from tokenreward_service.model import RewardModel, host_threads
 from tokenreward_service.routes import (
     AdmissionMiddleware,
     AppState,
@@ -31,7 +33,14 @@ from tokenreward_service.routes import (
 from tokenreward_service.serving import RewardService
 from tokenreward_service.tokentext import TokenText
 
-__all__ = ["batcher_config", "create_app", "load_model", "load_preparer"]
+__all__ = [
+    "batcher_config",
+    "create_app",
+    "engine_process",
+    "host_threads",
+    "load_model",
+    "load_preparer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +88,7 @@ def load_model(settings: Settings) -> RewardModel:
         )
 
 
-def load_preparer(settings: Settings, model: RewardModel) -> Preparer:
+def load_preparer(settings: Settings, model: RewardModel | EngineModel) -> Preparer:
     """What turns items into the model's token sequences: the RM's tokenizer, the chat
     template (the settings' file, else the tokenizer's own) and the policy tokenizers."""
     template = None
@@ -113,17 +122,17 @@ def batcher_config(settings: Settings) -> BatcherConfig:
     )
 
 
-def host_threads(spec: ModelSpec) -> None:
-    """With the model on an accelerator, the host's torch work (laying batches out,
-    redistributing, reading results) runs on one thread.
-
-    Those tensors are small, and an OpenMP team spun up for one of them keeps its workers
-    spinning between parallel regions: on the simulated 1M tokens/s device one such worker
-    used 30% of a core, taken from the event loop and the clients. On the CPU the forward pass
-    itself needs the intra-op threads, so they stay.
-    """
-    if torch.device(spec.device).type != "cpu":
-        torch.set_num_threads(1)
+def engine_process(settings: Settings) -> bool:
+    """Whether the server runs its model in an engine process (:mod:`.engine`): ``auto`` is
+    on when the model runs on an accelerator, where the host path decides the throughput,
+    and off on the CPU, where the forward pass dominates and a process more only costs
+    memory."""
+    if settings.engine_process != "auto":
+        return settings.engine_process == "on"
+    try:
+        return resolve_device(settings.device).type != "cpu"
+    except ModelLoadError:
+        return False  # the load itself reports the unusable device
 
 
 def create_app(
@@ -133,6 +142,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     preparer: Preparer | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    engine_factory: Callable[[], RewardModel] | None = None,
 ) -> FastAPI:
     """Build the app. ``model`` is served as loaded (the loading settings, such as ``model``,
     ``device`` or ``max_length``, are then unused); ``preparer`` likewise (the chat template
@@ -142,6 +152,10 @@ def create_app(
     Without ``model`` the model loads in the background after the server starts listening, so
     that probes get answers while a large model loads (``/healthz`` 200, ``/readyz`` 503); a
     failure is reported to ``on_load_failure`` (the CLI exits 1) and by ``/readyz``.
+
+    With :func:`engine_process` on (and no ``model`` given), the batcher and the model run in
+    a child process that loads it with ``engine_factory`` (a picklable callable; by default
+    :func:`load_model` with these settings), and this process keeps the HTTP edge.
     """
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     state = AppState(
@@ -154,22 +168,38 @@ def create_app(
         refusal_delay_s=settings.refusal_delay_s,
         max_queued_tokens=settings.max_queued_tokens,
     )
-    batchers: list[Batcher] = []
+    batchers: list[Batcher | EngineProcess] = []
 
     async def start() -> None:
-        reward_model = model if model is not None else await asyncio.to_thread(load_model, settings)
-        items = preparer or await asyncio.to_thread(load_preparer, settings, reward_model)
-        metrics.set_model(reward_model.spec)
-        metrics.watch_gpu(torch.device(reward_model.spec.device))
-        host_threads(reward_model.spec)
-        batcher = Batcher(
-            reward_model,
-            batcher_config(settings),
-            on_batch=metrics.observe_batch,
-            on_queue=metrics.observe_queue,
-        )
-        await batcher.start()
-        batchers.append(batcher)
+        loaded: RewardModel | EngineModel
+        scheduler: Batcher | EngineProcess
+        if model is None and engine_process(settings):
+            engine = EngineProcess(
+                engine_factory or functools.partial(load_model, settings),
+                batcher_config(settings),
+                on_batch=metrics.observe_batch,
+                on_queue=metrics.observe_queue,
+            )
+            batchers.append(engine)
+            loaded = await engine.start()
+            scheduler = engine
+            if loaded.spec.device.startswith("cuda"):
+                metrics.watch_gpu_memory(lambda: engine.gpu_memory)
+        else:
+            loaded = model if model is not None else await asyncio.to_thread(load_model, settings)
+            metrics.watch_gpu(torch.device(loaded.spec.device))
+            scheduler = Batcher(
+                loaded,
+                batcher_config(settings),
+                on_batch=metrics.observe_batch,
+                on_queue=metrics.observe_queue,
+            )
+            await scheduler.start()
+            batchers.append(scheduler)
+        items = preparer or await asyncio.to_thread(load_preparer, settings, loaded)
+        metrics.set_model(loaded.spec)
+        host_threads(loaded.spec)
+        batcher = scheduler
         metrics.batch_budget.set_function(lambda: batcher.batch_token_budget)
         metrics.scheduler_up.set_function(lambda: 0.0 if batcher.failed else 1.0)
         state.batcher_alive = lambda: batcher.alive
@@ -178,7 +208,7 @@ def create_app(
         state.retry_after = batcher.retry_after
         state.batcher_budget = lambda: batcher.batch_token_budget
         state.service = RewardService(
-            reward_model.spec,
+            loaded.spec,
             batcher,
             timeout_s=settings.request_timeout_s,
             preparer=items,

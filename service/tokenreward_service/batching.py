@@ -39,7 +39,7 @@ from tokenreward_service.errors import (
 )
 from tokenreward_service.model import MIN_SHARED_PROMPT, BatchScores
 
-__all__ = ["BatchStats", "Batcher", "BatcherConfig", "Engine", "Job"]
+__all__ = ["BatchStats", "Batcher", "BatcherConfig", "Engine", "Job", "retry_after_s"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,15 @@ class Engine(Protocol):
     def score_batch(
         self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
     ) -> BatchScores: ...
+
+
+def retry_after_s(excess: int, tokens_per_s: float) -> int:
+    """Seconds until ``excess`` tokens over the queue bound have been taken off the queue at
+    ``tokens_per_s`` (not the time to drain it all, which would idle the device for clients
+    that obey); 1 s while no rate is known, and never more than a minute."""
+    if excess <= 0 or not tokens_per_s:
+        return 1
+    return max(1, min(60, math.ceil(excess / tokens_per_s)))
 
 
 @dataclass(frozen=True)
@@ -342,6 +351,18 @@ class Batcher:
         """The padded-token budget in force (lowered after the device ran out of memory)."""
         return self._budget
 
+    @property
+    def tokens_per_s(self) -> float:
+        """The rate at which the model has been taking tokens off the queue (0 before the
+        first batch)."""
+        return self._tokens_per_s
+
+    async def finished(self) -> None:
+        """Return once the scheduler has ended, whether stopped or failed (see ``failed``)."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # failures were logged
+                await asyncio.shield(self._task)
+
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenreward-infer")
         self._task = asyncio.create_task(self._run(), name="tokenreward-batcher")
@@ -413,9 +434,7 @@ class Batcher:
         rate the model has been taking work off the queue (not the time to drain it all, which
         would idle the device for clients that obey). 1 s before any rate was seen."""
         excess = self._queued_tokens + tokens - self._config.max_queued_tokens
-        if excess <= 0 or not self._tokens_per_s:
-            return 1
-        return max(1, min(60, math.ceil(excess / self._tokens_per_s)))
+        return retry_after_s(excess, self._tokens_per_s)
 
     def _report_queue(self) -> None:
         if self._on_queue is not None:

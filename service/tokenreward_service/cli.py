@@ -120,6 +120,13 @@ def _add_bench(commands: Any) -> None:
         help="items per request instead of each workload's own (mixed 8, group 8, long 4), "
         "with --url or --simulated-device",
     )
+    bench.add_argument(
+        "--engine-process",
+        choices=["on", "off"],
+        default="on",
+        help="with --simulated-device: the engine in a process of its own (on, as `serve` runs "
+        "a model on an accelerator) or in the server's (off)",
+    )
 
 
 def _add_explain(commands: Any) -> None:
@@ -215,6 +222,7 @@ def _bench(args: argparse.Namespace) -> int:
             encoding=args.encoding,
             concurrency=args.concurrency,
             request_items=args.request_items,
+            engine_process=args.engine_process,
         )
     except BenchUnavailable as exc:
         print(f"tokenreward: {exc}", file=sys.stderr)

@@ -146,6 +146,16 @@ class Settings(BaseSettings):
         description="'on': items of concurrent requests share forward passes. 'off': each "
         "request's items run alone (lower throughput; for comparison and debugging).",
     )
+    engine_process: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Run the batcher and the model in a child process of their own, fed by "
+        "the server's, so that the HTTP, JSON and per-request work does not hold the GIL "
+        "that the forward pass needs: worth it in front of a fast device, where the host "
+        "path decides the throughput; it costs a process (the model's memory is in it "
+        "alone) and a copy of each request's tokens and scores between the two. 'auto': on "
+        "when the model runs on an accelerator, off on the CPU. Only when the server loads "
+        "the model itself (not for a model handed to create_app, as Ray Serve does).",
+    )
     share_prompts: bool = Field(
         default=True,
         description="Score a prompt shared by several items of a batch once and reuse its "

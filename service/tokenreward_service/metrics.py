@@ -7,7 +7,7 @@ Names follow Prometheus conventions: the ``tokenreward_`` prefix, ``_total`` cou
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -76,18 +76,20 @@ class TensorHistogram(Collector):
 
 
 class _GpuMemory(Collector):
-    """Allocated and reserved CUDA memory of the serving device, read at scrape time."""
+    """Allocated, reserved and peak allocated CUDA memory of the serving device, read at
+    scrape time (from the device in this process, or as the engine process last reported)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, read: Callable[[], tuple[float, float, float]]) -> None:
+        self.read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "tokenreward_gpu_memory_bytes", "CUDA memory of the serving device.", labels=["kind"]
         )
-        family.add_metric(["allocated"], float(torch.cuda.memory_allocated(self.device)))
-        family.add_metric(["reserved"], float(torch.cuda.memory_reserved(self.device)))
-        family.add_metric(["peak_allocated"], float(torch.cuda.max_memory_allocated(self.device)))
+        allocated, reserved, peak = self.read()
+        family.add_metric(["allocated"], allocated)
+        family.add_metric(["reserved"], reserved)
+        family.add_metric(["peak_allocated"], peak)
         yield family
 
 
@@ -235,7 +237,17 @@ class Metrics(ResultObserver):
 
     def watch_gpu(self, device: torch.device) -> None:
         if device.type == "cuda":
-            self.registry.register(_GpuMemory(device))
+            self.watch_gpu_memory(
+                lambda: (
+                    float(torch.cuda.memory_allocated(device)),
+                    float(torch.cuda.memory_reserved(device)),
+                    float(torch.cuda.max_memory_allocated(device)),
+                )
+            )
+
+    def watch_gpu_memory(self, read: Callable[[], tuple[float, float, float]]) -> None:
+        """Export the CUDA memory that ``read`` gives: (allocated, reserved, peak)."""
+        self.registry.register(_GpuMemory(read))
 
     def set_model(self, spec: ModelSpec) -> None:
         self.model_info.info(

@@ -44,6 +44,7 @@ __all__ = [
     "ModelSpec",
     "RewardModel",
     "find_shared_prompts",
+    "host_threads",
     "right_pad",
     "sliding_window",
 ]
@@ -366,3 +367,16 @@ def right_pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.T
     input_ids = np.zeros(mask.shape, dtype=np.int64)
     input_ids[mask] = flat  # row-major: each row's IDs in order, then the next row's
     return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
+
+
+def host_threads(spec: ModelSpec) -> None:
+    """With the model on an accelerator, the host's torch work (laying batches out,
+    redistributing, reading results) runs on one thread.
+
+    Those tensors are small, and an OpenMP team spun up for one of them keeps its workers
+    spinning between parallel regions: on the simulated 1M tokens/s device one such worker
+    used 30% of a core, taken from the event loop and the clients. On the CPU the forward pass
+    itself needs the intra-op threads, so they stay.
+    """
+    if torch.device(spec.device).type != "cpu":
+        torch.set_num_threads(1)

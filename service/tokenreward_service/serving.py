@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -24,13 +25,20 @@ from tokenreward.protocol import (
     RewardResult,
 )
 from tokenreward_service.alignment import step_sums
-from tokenreward_service.batching import Batcher, Job
+from tokenreward_service.batching import Job
 from tokenreward_service.conversations import Prepared, Preparer
 from tokenreward_service.errors import DeadlineExceeded, InternalError, InvalidRequest
 from tokenreward_service.model import ModelSpec
 from tokenreward_service.redistribution import redistribute
 
-__all__ = ["INLINE_BODY_BYTES", "INLINE_TOKENS", "ResultObserver", "RewardService", "inline"]
+__all__ = [
+    "INLINE_BODY_BYTES",
+    "INLINE_TOKENS",
+    "ResultObserver",
+    "RewardService",
+    "Scheduler",
+    "inline",
+]
 
 INLINE_BODY_BYTES = 262_144
 """Bodies up to this size are parsed on the event loop, bigger ones on a worker thread.
@@ -61,6 +69,14 @@ def inline(request: RewardRequest) -> bool:
     return tokens <= INLINE_TOKENS
 
 
+class Scheduler(Protocol):
+    """What the service needs of a batcher: the in-process
+    :class:`~tokenreward_service.batching.Batcher`, or the engine process's stand-in for it
+    (:class:`~tokenreward_service.engine.EngineProcess`)."""
+
+    async def submit(self, jobs: Sequence[Job], *, timeout_s: float) -> list[torch.Tensor]: ...
+
+
 class ResultObserver:
     """What the service reports about its outputs (metrics implement it; tests may too)."""
 
@@ -79,7 +95,7 @@ class RewardService:
     def __init__(
         self,
         spec: ModelSpec,
-        batcher: Batcher,
+        batcher: Scheduler,
         *,
         timeout_s: float,
         preparer: Preparer | None = None,

@@ -118,6 +118,8 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_shape(capsys: pytest.CaptureFixture[s
     report = json.loads(capsys.readouterr().out)["checks"]["tiny"]
     for name in ("mixed", "group"):
         assert report[name]["service"]["errors"] == {}
+        assert report[name]["service_engine_process"]["errors"] == {}
+        assert report[name]["service_engine_process"]["tokens_per_s"] > 0
         assert report[name]["inprocess"]["tokens_per_s"] > 0
     assert report["mixed"]["batching_off"]["errors"] == {}
     assert report["mixed"]["batching_off"]["tokens_per_s"] > 0
@@ -270,6 +272,7 @@ def test_bench_with_a_simulated_device_is_labelled_and_measured(
     report = json.loads(capsys.readouterr().out)
     simulated = report["simulated_device"]
     assert "SIMULATED" in simulated["label"]
+    assert simulated["engine_process"] == "on"  # as `serve` runs a model on an accelerator
     mixed = simulated["rates"]["200000"]["mixed"]
     assert mixed["service"]["errors"] == {}
     assert mixed["tokens"] >= 0.2 * 2e5  # grown to last the stated time at the device's rate
@@ -292,9 +295,11 @@ def test_bench_with_a_simulated_device_is_labelled_and_measured(
         "run_service",
         lambda *a, **k: real_run(*a, **{**k, "check_rewards": True}),
     )
-    assert cli_main([*args, "--encoding", "binary"]) == 0
+    # ... with the engine in the server's process this time.
+    assert cli_main([*args, "--encoding", "binary", "--engine-process", "off"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["encoding"] == "binary"
+    assert report["simulated_device"]["engine_process"] == "off"
     assert report["simulated_device"]["rates"]["200000"]["mixed"]["service"]["errors"] == {}
     assert checked
     assert set(checked) == {"binary"}

@@ -152,6 +152,7 @@ def main_bench(
     encoding: str = "json",
     concurrency: int | None = None,
     request_items: int | None = None,
+    engine_process: str = "on",
 ) -> dict[str, Any]:
     from tokenreward_service.loading import load_reward_model
 
@@ -186,6 +187,7 @@ def main_bench(
             encoding=encoding,
             concurrency=concurrency,
             request_items=request_items,
+            engine_process=engine_process,
         )
         _emit(report, out)
         return report
@@ -279,18 +281,21 @@ def _simulated(
     encoding: str = "json",
     concurrency: int | None = None,
     request_items: int | None = None,
+    engine_process: str = "on",
 ) -> dict[str, Any]:
     """The real app and batcher in their own process around :class:`SimulatedDevice` (an
     engine that waits ``padded tokens / rate``), loaded from a separate client process: what
     the host path sustains in front of a device of each speed. Labelled as a simulation."""
     results: dict[str, Any] = {
         "label": "SIMULATED DEVICE: no model runs; each batch waits padded tokens / rate",
+        "engine_process": engine_process,
         "rates": {},
     }
     started, done, total = time.perf_counter(), 0, len(rates) * len(workloads)
     for rate in rates:
         program = ["tokenreward_service.bench.simulated", "--rate", repr(rate)]
         program += ["--max-batch-tokens", str(max_batch_tokens)]
+        program += ["--engine-process", engine_process]
         entry: dict[str, Any] = {}
         with spawn_server([], program=program) as spawned:
             for name in workloads:

@@ -131,6 +131,42 @@ def _serve_in_thread(model: Any, batching: Literal["on", "off"] = "on") -> tuple
     return f"http://127.0.0.1:{port}", server
 
 
+def engine_model(name: str, device: str) -> Any:
+    """The shape's random-weight RM, built in an engine process (the same seed, so the same
+    weights as the one served in this process)."""
+    from tokenreward_service.model import host_threads
+
+    _, model = random_rm(name, torch.device(device))
+    host_threads(model.spec)
+    return model
+
+
+def _serve_engine_in_thread(name: str, device: torch.device) -> tuple[str, Any]:
+    """The service as ``tokenreward serve`` runs a model on an accelerator: the batcher and
+    the model in an engine process of their own, HTTP in this one."""
+    import functools
+
+    import uvicorn
+
+    from tokenreward_service.app import create_app
+    from tokenreward_service.config import Settings
+
+    settings = Settings(max_batch_tokens=65536, engine_process="on")
+    factory = functools.partial(engine_model, name, str(device))
+    app = create_app(settings, engine_factory=factory)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    while app.state.tokenreward.load_error is None and not app.state.tokenreward.ready:
+        time.sleep(0.1)  # the engine builds its model
+    if app.state.tokenreward.load_error is not None:
+        raise RuntimeError(f"the engine process failed: {app.state.tokenreward.load_error}")
+    return url, server
+
+
 def _client_run(url: str, name: str, vocab_size: int, scale: float) -> dict[str, Any]:
     """One workload's load, sent from a process of its own (the workload is rebuilt there from
     its seed, so only the figures cross the process boundary)."""
@@ -185,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_shape(name: str, device: torch.device, scale: float) -> dict[str, Any]:
+def random_rm(name: str, device: torch.device) -> tuple[Any, Any]:
+    """The shape's bf16 transformers model with seeded random weights, and the RM serving it."""
     from tokenreward_service.model import ModelSpec, RewardModel
 
     shape = SHAPES[name]
     dtype = torch.bfloat16
-    started = time.perf_counter()
     hf_model = build_model(shape, device, dtype)
     spec = ModelSpec(
         id=f"gpu-check-random-{name}",
@@ -203,7 +239,16 @@ def check_shape(name: str, device: torch.device, scale: float) -> dict[str, Any]
         suffix_ids=(),
         random_weights=True,
     )
-    model = RewardModel(hf_model, spec)
+    return hf_model, RewardModel(hf_model, spec)
+
+
+def check_shape(name: str, device: torch.device, scale: float) -> dict[str, Any]:
+    from tokenreward_service.model import RewardModel
+
+    shape = SHAPES[name]
+    started = time.perf_counter()
+    hf_model, model = random_rm(name, device)
+    spec = model.spec
     report: dict[str, Any] = {
         "shape": shape,
         "parameters": sum(p.numel() for p in hf_model.parameters()),
@@ -213,6 +258,7 @@ def check_shape(name: str, device: torch.device, scale: float) -> dict[str, Any]
     }
     peak = _peak_tflops(device)
     url, server = _serve_in_thread(model)
+    engine_url, engine_server = _serve_engine_in_thread(name, device)
     for workload_name in ("mixed", "group"):
         workload = make_workload(workload_name, vocab_size=shape["vocab_size"], scale=scale)
         items = workload.items
@@ -222,6 +268,10 @@ def check_shape(name: str, device: torch.device, scale: float) -> dict[str, Any]
         inproc = run_inprocess(model, workload, max_batch_tokens=65536, max_batch_size=256)
         service = _run_elsewhere(url, workload_name, shape["vocab_size"], scale)
         entry: dict[str, Any] = {"tokens": workload.tokens, "inprocess": inproc, "service": service}
+        # The same load with the engine in a process of its own (what `serve` runs on a GPU).
+        entry["service_engine_process"] = _run_elsewhere(
+            engine_url, workload_name, shape["vocab_size"], scale
+        )
         if workload_name == "mixed":
             entry["host_side"] = host_side_share(model, workload, 65536)
             # Each request's items alone (--batching off): what batching across requests gains.
@@ -230,7 +280,7 @@ def check_shape(name: str, device: torch.device, scale: float) -> dict[str, Any]
                 alone_url, workload_name, shape["vocab_size"], scale
             )
             alone_server.should_exit = True
-        for key in ("inprocess", "service", "batching_off"):
+        for key in ("inprocess", "service", "service_engine_process", "batching_off"):
             if key not in entry:
                 continue
             # Counted on the tokens the model really ran: a shared prompt once, no padding.
@@ -241,6 +291,7 @@ def check_shape(name: str, device: torch.device, scale: float) -> dict[str, Any]
         report[workload_name] = entry
         print(f"{workload_name}: done", file=sys.stderr, flush=True)
     server.should_exit = True
+    engine_server.should_exit = True
     # Precision: the same bf16 weights, computed in float32, on a short sequence.
     generator = torch.Generator().manual_seed(1)
     sequence = torch.randint(0, shape["vocab_size"], (160,), generator=generator).tolist()

@@ -19,6 +19,7 @@ Every figure measured against it is a simulation and is labelled so (``tokenrewa
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ import torch
 
 from tokenreward_service.model import BatchScores, ModelSpec, RewardModel, right_pad
 
-__all__ = ["SimulatedDevice", "main"]
+__all__ = ["SimulatedDevice", "main", "simulated_engine"]
 
 
 class SimulatedDevice(RewardModel):
@@ -74,6 +75,13 @@ class SimulatedDevice(RewardModel):
         )
 
 
+def simulated_engine(rate: float, vocab_size: int) -> SimulatedDevice:
+    """The device for an engine process: its host torch work on one thread, as for a model
+    on an accelerator (``host_threads``; the spec says "cpu", since nothing runs)."""
+    torch.set_num_threads(1)
+    return SimulatedDevice(rate, vocab_size=vocab_size)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from tokenreward_service.app import create_app
     from tokenreward_service.config import Settings
@@ -90,6 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--min-padding-efficiency", type=float, default=Settings().min_padding_efficiency
     )
+    parser.add_argument(
+        "--engine-process",
+        choices=("on", "off"),
+        default="on",
+        help="run the engine in a process of its own, as `tokenreward serve` does for a model "
+        "on an accelerator (engine_process auto); off: in the server's process",
+    )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--shutdown-delay-s", type=float, default=0.0)
     args = parser.parse_args(argv)
@@ -100,13 +115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_queued_tokens=args.max_queued_tokens,
         min_padding_efficiency=args.min_padding_efficiency,
+        engine_process=args.engine_process,
     )
     sys.setswitchinterval(0.001)  # as `tokenreward serve` runs
     # The host's torch work on one thread, as `tokenreward serve` runs it for a model on an
-    # accelerator (app.host_threads); the engine's spec says "cpu", since nothing runs.
+    # accelerator (host_threads); the engine's spec says "cpu", since nothing runs.
     torch.set_num_threads(1)
-    model = SimulatedDevice(args.rate, vocab_size=args.vocab_size)
-    server = build_server(settings, create_app(settings, model=model))
+    device = functools.partial(simulated_engine, args.rate, args.vocab_size)
+    if args.engine_process == "on":
+        app = create_app(settings, engine_factory=device)
+    else:
+        app = create_app(settings, model=device())
+    server = build_server(settings, app)
     server.run()
     return 0
 
