@@ -24,7 +24,6 @@ import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,6 +36,7 @@ from tokenreward_service.errors import (
     Overloaded,
     TooLarge,
 )
+from tokenreward_service.inference import Landed, Pipeline
 from tokenreward_service.model import MIN_SHARED_PROMPT, BatchScores
 
 __all__ = ["BatchStats", "Batcher", "BatcherConfig", "Engine", "Job", "retry_after_s"]
@@ -312,7 +312,7 @@ class Batcher:
         self._queued_tokens = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._pipeline: Pipeline[_Running] | None = None
         self._closing = False
         self._failed = False
         self._running: list[_Running] = []
@@ -364,7 +364,22 @@ class Batcher:
                 await asyncio.shield(self._task)
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenreward-infer")
+        loop = asyncio.get_running_loop()
+
+        def started(running: _Running) -> None:
+            running.started = self._clock()
+
+        def deliver(landed: Landed[_Running]) -> None:
+            loop.call_soon_threadsafe(self._landed, landed)
+
+        self._pipeline = Pipeline(
+            self._engine,
+            on_start=started,
+            deliver=deliver,
+            clock=self._clock,
+            ahead=1 + self._config.waiting_batches,  # every batch handed over is launched
+        )
+        self._pipeline.start()
         self._task = asyncio.create_task(self._run(), name="tokenreward-batcher")
 
     async def stop(self) -> None:
@@ -374,8 +389,8 @@ class Batcher:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):  # failures were logged
                 await self._task
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        if self._pipeline is not None:
+            await asyncio.to_thread(self._pipeline.stop)
 
     async def submit(self, jobs: Sequence[Job], *, timeout_s: float) -> list[torch.Tensor]:
         """Score ``jobs`` (in order) and return each one's per-position scores.
@@ -525,9 +540,9 @@ class Batcher:
             return math.inf
         if full or not self._running:
             return at
-        end = -math.inf  # the expected end of the batches on the thread, one after another
+        end = -math.inf  # the expected end of the batches on the device, one after another
         for running in self._running:
-            begin = running.started if running.started is not None else max(end, running.queued)
+            begin = max(end, running.queued if running.started is None else running.started)
             end = begin + running.padded * self._s_per_padded
         return max(at, end - self._config.handover_s)
 
@@ -568,7 +583,6 @@ class Batcher:
         self._report_queue()
 
     async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if self._crash is not None:
                 raise self._crash
@@ -591,43 +605,36 @@ class Batcher:
                 continue
             batch = self._take_batch()
             if batch:
-                self._launch(loop, batch)
+                self._launch(batch)
 
-    def _launch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
-        """Queue ``batch`` on the inference thread; it lands in :meth:`_landed`."""
+    def _launch(self, batch: list[_Pending]) -> None:
+        """Hand ``batch`` to the inference threads; it lands in :meth:`_landed`."""
         running = _Running(batch, max(p.length for p in batch) * len(batch), self._clock())
         self._running.append(running)
-        future = loop.run_in_executor(self._executor, self._forward, running)
-        future.add_done_callback(lambda done: self._landed(running, done))
+        assert self._pipeline is not None
+        self._pipeline.put(
+            running, [p.job.tokens for p in batch], [p.job.prompt_len for p in batch]
+        )
 
-    def _forward(self, running: _Running) -> BatchScores:
-        """On the inference thread: one forward pass, timed where it runs."""
-        running.started = self._clock()
-        try:
-            return self._engine.score_batch(
-                [p.job.tokens for p in running.items], [p.job.prompt_len for p in running.items]
-            )
-        finally:
-            running.elapsed = self._clock() - running.started
-
-    def _landed(self, running: _Running, done: asyncio.Future[BatchScores]) -> None:
+    def _landed(self, landed: Landed[_Running]) -> None:
         """On the event loop, when a batch is back: a model failure fails that batch only;
         anything failing here is the scheduler's failure (it is raised there)."""
+        running = landed.batch
         if running not in self._running:
             return  # the scheduler ended meanwhile and answered its callers
         try:
             self._running.remove(running)
             self._wakeup.set()
             batch = running.items
-            error = None if done.cancelled() else done.exception()
-            if done.cancelled() or error is not None:
+            running.elapsed = landed.elapsed
+            error = landed.error
+            if error is not None or landed.scores is None:
                 log.error("forward pass failed for a batch of %d", len(batch), exc_info=error)
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(InternalError(f"forward pass failed: {error}"))
                 return
-            assert running.started is not None
-            self._finish(batch, (done.result(), running.started, running.elapsed))
+            self._finish(batch, (landed.scores, landed.started, landed.elapsed))
         except BaseException as exc:
             self._crash = exc
             self._running.append(running)  # its callers are failed with the rest

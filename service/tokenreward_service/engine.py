@@ -297,7 +297,10 @@ class EngineProcess:
                     self._budget, self._tokens_per_s = budget, tokens_per_s
                     self._gpu_memory = gpu_memory
                     if self._on_batch is not None:
-                        self._on_batch(stats)
+                        try:
+                            self._on_batch(stats)
+                        except Exception:
+                            log.exception("the batch observer failed; the results were delivered")
                 elif kind == "failed":
                     self._failed = message[1]
                     log.error("the engine's scheduler failed: %s", message[1])
@@ -466,8 +469,10 @@ async def _engine(factory: Callable[[], RewardModel], config: BatcherConfig, pat
             try:
                 message = await _read_frame(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
-                log.warning("the server's process went away: stopping")
-                break
+                # Nobody is left to answer: end now, so that the device's memory is free for
+                # the server that replaces this one, instead of draining the queue first.
+                log.warning("the server's process went away: the engine exits")
+                os._exit(1)
             if message[0] == "submit":
                 _, number, timeout_s, data, lengths, prompt_lens = message
                 ids = np.frombuffer(data, dtype=np.int32).tolist()

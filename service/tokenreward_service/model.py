@@ -24,7 +24,7 @@ Memory stays linear in the tokens of a batch, so the batcher's token budget boun
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +202,54 @@ class RewardModel:
             shared_items=first.shared_items + second.shared_items,
             oom_splits=1 + first.oom_splits + second.oom_splits,
         )
+
+    def launch_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> Callable[[], BatchScores]:
+        """Start :meth:`score_batch`'s forward pass and return a function that waits for its
+        scores: the batcher launches the next batch while this one computes
+        (:mod:`tokenreward_service.inference`).
+
+        On CUDA the kernels and the copy of the scores into pinned host memory are queued on
+        the device's stream, and an event marks their end; the returned function waits on it.
+        Batches with shared prompts (two passes, the second reading the first's cache) and
+        batches that run out of memory (split and retried) are scored at once, as
+        :meth:`score_batch` scores them, and so is every batch on the CPU, where there is no
+        device to run ahead of the host.
+        """
+        cuda = self._device.type == "cuda"
+        if not cuda or (
+            self._can_share(sequences) and find_shared_prompts(sequences, prompt_lens)[0]
+        ):
+            scored = self.score_batch(sequences, prompt_lens)
+            return lambda: scored
+        lengths = [len(seq) for seq in sequences]
+        try:
+            input_ids, attention_mask = right_pad(sequences)
+            scores = self.score_padded(
+                input_ids.to(self._device, non_blocking=True),
+                attention_mask.to(self._device, non_blocking=True),
+            )
+            host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+            host.copy_(scores, non_blocking=True)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            split = self.score_batch(sequences, prompt_lens)
+            return lambda: split
+        computed = int(input_ids.numel())
+
+        def wait() -> BatchScores:
+            done.synchronize()
+            return BatchScores(
+                scores=[host[row, :n] for row, n in enumerate(lengths)],
+                computed_tokens=computed,
+                real_tokens=sum(lengths),
+                shared_items=0,
+            )
+
+        return wait
 
     def score_shared(
         self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]

@@ -128,6 +128,7 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_shape(capsys: pytest.CaptureFixture[s
     assert host["forward_s"] > 0
     assert 0 < host["share"] < 1
     assert report["precision"]["max_abs_token_reward_error"] >= 0
+    assert report["launch_batch_max_abs_difference"] == 0  # on the CPU: the same call
 
 
 def test_the_ceiling_splits_a_group_only_when_it_alone_exceeds_a_batch() -> None:

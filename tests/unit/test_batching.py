@@ -98,7 +98,7 @@ def test_results_come_back_in_order_for_each_caller() -> None:
                 assert scores.tolist() == expected.tolist()
         assert sum(len(b) for b in engine.batches) == 12
         assert len(engine.batches) < 12  # concurrent requests shared forward passes
-        assert engine.thread_names == {"tokenreward-infer_0"}
+        assert engine.thread_names == {"tokenreward-infer"}
         await batcher.stop()
 
     asyncio.run(main())

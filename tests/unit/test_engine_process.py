@@ -217,3 +217,23 @@ def test_an_engine_process_that_dies_while_loading_is_a_load_error(tmp_path: Pat
         await engine.stop()
 
     asyncio.run(main())
+
+
+def test_an_engine_whose_server_went_away_exits_at_once(tmp_path: Path) -> None:
+    """Orphaned (its server killed), the engine does not drain a queue nobody waits for: it
+    exits with its batch still held, freeing the device for the server that replaces it."""
+
+    async def body(engine: EngineProcess, _: list[BatchStats]) -> None:
+        held = asyncio.ensure_future(engine.submit([Job([HOLD, 1], 1)], timeout_s=30))
+        await until(lambda: logged_batches(tmp_path) == [[HOLD]])
+        process = engine._process
+        assert process is not None
+        assert engine._writer is not None
+        engine._writer.transport.abort()  # as a killed server's socket closes
+        await until(lambda: not process.is_alive())
+        assert process.exitcode == 1
+        assert not (tmp_path / "release").exists()  # it never finished the held batch
+        with pytest.raises(NotReady):
+            await held
+
+    run_with_engine(tmp_path, body)

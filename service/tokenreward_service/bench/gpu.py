@@ -306,6 +306,13 @@ def check_shape(name: str, device: torch.device, scale: float) -> dict[str, Any]
         "mean_abs_token_reward": float(diff_exact.abs().mean()),
         "score_scale": float(exact.abs().mean()),
     }
+    # The pipelined launch (RewardModel.launch_batch) gives what the synchronous path gives.
+    batch = [sequence[:n] for n in (160, 97, 33)]
+    launched = model.launch_batch(batch, [32, 32, 32])().scores
+    direct = model.score_batch(batch, [32, 32, 32]).scores
+    report["launch_batch_max_abs_difference"] = max(
+        float((a.double() - b.double()).abs().max()) for a, b in zip(launched, direct, strict=True)
+    )
     report["total_s"] = time.perf_counter() - started
     return report
 

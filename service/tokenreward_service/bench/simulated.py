@@ -5,12 +5,15 @@ and takes as long as a device of a given speed would.
 
 On a GPU the host path (parsing, validation, layout, scheduling, redistribution,
 serialisation, HTTP) decides the throughput once the model is fast; this engine makes that
-measurable on any machine. Each batch costs ``padded tokens / rate`` seconds of waiting, spent
-sleeping, which releases the GIL as waiting for a device does. Before it waits, the engine does
-the host work a real one does for a batch (laying the sequences out as one padded tensor) and
-returns per-position scores with the digits real ones have, so that the redistribution and the
-encoding of the answer cost what they cost with a model. Prompts are not shared: a batch costs
-its padded size whatever its groups (what a device running ``--share-prompts false`` spends).
+measurable on any machine. Each batch costs ``padded tokens / rate`` seconds of the device's
+time, which it runs as a device's stream does: a batch starts once it has been launched and the
+one before it is done (the batcher launches the next while one runs), and the thread that
+collects it sleeps until its end, which releases the GIL as waiting for a device does. Before
+it is launched the engine does the host work a real one does for a batch (laying the sequences
+out as one padded tensor), and it returns per-position scores with the digits real ones have,
+so that the redistribution and the encoding of the answer cost what they cost with a model.
+Prompts are not shared: a batch costs its padded size whatever its groups (what a device
+running ``--share-prompts false`` spends).
 
 Every figure measured against it is a simulation and is labelled so (``tokenreward bench
 --simulated-device RATE``).
@@ -22,7 +25,7 @@ import argparse
 import functools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -53,26 +56,42 @@ class SimulatedDevice(RewardModel):
         self.share_prompts = False
         self.waited_s = 0.0
         """Seconds spent waiting as the device would, over all batches."""
+        self._free_at = 0.0
+        """When the device is done with what it was given."""
 
     def score_batch(
         self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
     ) -> BatchScores:
-        started = time.perf_counter()
+        return self.launch_batch(sequences, prompt_lens)()
+
+    def launch_batch(
+        self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]
+    ) -> Callable[[], BatchScores]:
+        """As a device's stream runs a batch: it starts once it is launched (after the host
+        has laid it out) and the batch before it is done, and takes ``padded / rate``; the
+        returned function waits for its end."""
         ids, _ = right_pad(sequences)
         # Deterministic scores in [0, 1) with full float32 digits, like a model's.
         scores = torch.remainder(ids.to(torch.float32) * 0.6180339887, 1.0)
         rows = [scores[row, : len(seq)].clone() for row, seq in enumerate(sequences)]
         padded = ids.numel()
-        wait = padded / self.rate - (time.perf_counter() - started)
-        if wait > 0:
-            time.sleep(wait)
-            self.waited_s += wait
-        return BatchScores(
+        end = max(time.perf_counter(), self._free_at) + padded / self.rate
+        self._free_at = end
+        result = BatchScores(
             scores=rows,
             computed_tokens=padded,
             real_tokens=sum(len(seq) for seq in sequences),
             shared_items=0,
         )
+
+        def wait() -> BatchScores:
+            left = end - time.perf_counter()
+            if left > 0:
+                time.sleep(left)
+                self.waited_s += left
+            return result
+
+        return wait
 
 
 def simulated_engine(rate: float, vocab_size: int) -> SimulatedDevice:
