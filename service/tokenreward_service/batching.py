@@ -39,7 +39,7 @@ from tokenreward_service.errors import (
 from tokenreward_service.inference import Landed, Pipeline
 from tokenreward_service.model import MIN_SHARED_PROMPT, BatchScores
 
-__all__ = ["BatchStats", "Batcher", "BatcherConfig", "Engine", "Job", "retry_after_s"]
+__all__ = ["BatchStats", "Batcher", "BatcherConfig", "Engine", "Job", "admit", "retry_after_s"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,18 @@ def retry_after_s(excess: int, tokens_per_s: float) -> int:
     if excess <= 0 or not tokens_per_s:
         return 1
     return max(1, min(60, math.ceil(excess / tokens_per_s)))
+
+
+def admit(tokens: int, queued: int, bound: int, retry_after: Callable[[int], int]) -> None:
+    """Refuse a request of ``tokens`` tokens that can never fit under the queue bound
+    (:class:`TooLarge`) or does not fit now, with ``queued`` tokens waiting (:class:`Overloaded`,
+    with the seconds ``retry_after`` gives)."""
+    if tokens > bound:
+        raise TooLarge(
+            f"request holds {tokens} tokens, more than the queue bound ({bound}); split it"
+        )
+    if queued + tokens > bound:
+        raise Overloaded(f"queue full ({queued} tokens waiting)", retry_after=retry_after(tokens))
 
 
 @dataclass(frozen=True)
@@ -401,16 +413,7 @@ class Batcher:
         if not self.alive:
             raise NotReady("the batcher is not running")
         tokens = sum(len(job.tokens) for job in jobs)
-        if tokens > self._config.max_queued_tokens:
-            raise TooLarge(
-                f"request holds {tokens} tokens, more than the queue bound "
-                f"({self._config.max_queued_tokens}); split it"
-            )
-        if self._queued_tokens + tokens > self._config.max_queued_tokens:
-            raise Overloaded(
-                f"queue full ({self._queued_tokens} tokens waiting)",
-                retry_after=self.retry_after(tokens),
-            )
+        admit(tokens, self._queued_tokens, self._config.max_queued_tokens, self.retry_after)
         loop = asyncio.get_running_loop()
         now = self._clock()
         self._requests += 1

@@ -49,7 +49,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenreward_service.batching import Batcher, BatcherConfig, BatchStats, Job, retry_after_s
+from tokenreward_service.batching import (
+    Batcher,
+    BatcherConfig,
+    BatchStats,
+    Job,
+    admit,
+    retry_after_s,
+)
 from tokenreward_service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -234,16 +241,7 @@ class EngineProcess:
         if not self.alive or self._writer is None:
             raise NotReady("the engine is not running")
         tokens = sum(len(job.tokens) for job in jobs)
-        if tokens > self._config.max_queued_tokens:
-            raise TooLarge(
-                f"request holds {tokens} tokens, more than the queue bound "
-                f"({self._config.max_queued_tokens}); split it"
-            )
-        if self.queued_tokens + tokens > self._config.max_queued_tokens:
-            raise Overloaded(
-                f"queue full ({self.queued_tokens} tokens waiting)",
-                retry_after=self.retry_after(tokens),
-            )
+        admit(tokens, self.queued_tokens, self._config.max_queued_tokens, self.retry_after)
         self._requests += 1
         number = self._requests
         ids = np.fromiter(chain.from_iterable(job.tokens for job in jobs), np.int32, tokens)
