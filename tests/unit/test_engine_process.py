@@ -237,3 +237,23 @@ def test_an_engine_whose_server_went_away_exits_at_once(tmp_path: Path) -> None:
             await held
 
     run_with_engine(tmp_path, body)
+
+
+def test_auto_runs_an_engine_process_for_an_accelerator_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README's default: ``auto`` is on for a model on an accelerator, off on the CPU."""
+    from tokenreward_service.app import engine_process
+    from tokenreward_service.config import Settings
+
+    assert Settings().engine_process == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not engine_process(Settings())  # auto device: the CPU here
+    assert not engine_process(Settings(device="cpu"))
+    assert not engine_process(Settings(device="cuda"))  # unusable: the load says why
+    assert engine_process(Settings(device="cpu", engine_process="on"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_process(Settings())
+    assert engine_process(Settings(device="cuda:1"))
+    assert not engine_process(Settings(device="cpu"))
+    assert not engine_process(Settings(engine_process="off"))
