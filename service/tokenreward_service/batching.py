@@ -154,7 +154,6 @@ class _Running:
     queued: float
     started: float | None = None
     """When the thread began it (None while it waits behind the running one)."""
-    elapsed: float = 0.0
 
 
 @dataclass(eq=False)
@@ -629,7 +628,6 @@ class Batcher:
             self._running.remove(running)
             self._wakeup.set()
             batch = running.items
-            running.elapsed = landed.elapsed
             error = landed.error
             if error is not None or landed.scores is None:
                 log.error("forward pass failed for a batch of %d", len(batch), exc_info=error)

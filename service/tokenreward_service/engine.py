@@ -67,9 +67,10 @@ from tokenreward_service.errors import (
     ServiceError,
     TooLarge,
 )
+from tokenreward_service.metrics import GpuMemory, cuda_memory
 from tokenreward_service.model import ModelSpec, RewardModel, host_threads
 
-__all__ = ["EngineModel", "EngineProcess", "GpuMemory"]
+__all__ = ["EngineModel", "EngineProcess"]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,6 @@ _ERRORS: dict[str, type[ServiceError]] = {
     cls.__name__: cls
     for cls in (DeadlineExceeded, InternalError, InvalidRequest, NotReady, TooLarge, ServiceError)
 }
-GpuMemory = tuple[float, float, float]
-"""Allocated, reserved and peak allocated bytes of the engine's CUDA device."""
 
 
 @dataclass(frozen=True)
@@ -415,13 +414,7 @@ async def _engine(factory: Callable[[], RewardModel], config: BatcherConfig, pat
         return seen, batcher.queued_items, batcher.queued_tokens
 
     def on_batch(stats: BatchStats) -> None:
-        memory: GpuMemory = (0.0, 0.0, 0.0)
-        if cuda is not None:
-            memory = (
-                float(torch.cuda.memory_allocated(cuda)),
-                float(torch.cuda.memory_reserved(cuda)),
-                float(torch.cuda.max_memory_allocated(cuda)),
-            )
+        memory = (0.0, 0.0, 0.0) if cuda is None else cuda_memory(cuda)
         message = ("batch", state(), stats, batcher.batch_token_budget, batcher.tokens_per_s)
         _write_frame(writer, (*message, memory))
 

@@ -75,11 +75,24 @@ class TensorHistogram(Collector):
         )
 
 
+GpuMemory = tuple[float, float, float]
+"""Allocated, reserved and peak allocated bytes of a CUDA device."""
+
+
+def cuda_memory(device: torch.device) -> GpuMemory:
+    """What :data:`GpuMemory` says, read from ``device`` (in this process)."""
+    return (
+        float(torch.cuda.memory_allocated(device)),
+        float(torch.cuda.memory_reserved(device)),
+        float(torch.cuda.max_memory_allocated(device)),
+    )
+
+
 class _GpuMemory(Collector):
     """Allocated, reserved and peak allocated CUDA memory of the serving device, read at
     scrape time (from the device in this process, or as the engine process last reported)."""
 
-    def __init__(self, read: Callable[[], tuple[float, float, float]]) -> None:
+    def __init__(self, read: Callable[[], GpuMemory]) -> None:
         self.read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -237,15 +250,9 @@ class Metrics(ResultObserver):
 
     def watch_gpu(self, device: torch.device) -> None:
         if device.type == "cuda":
-            self.watch_gpu_memory(
-                lambda: (
-                    float(torch.cuda.memory_allocated(device)),
-                    float(torch.cuda.memory_reserved(device)),
-                    float(torch.cuda.max_memory_allocated(device)),
-                )
-            )
+            self.watch_gpu_memory(lambda: cuda_memory(device))
 
-    def watch_gpu_memory(self, read: Callable[[], tuple[float, float, float]]) -> None:
+    def watch_gpu_memory(self, read: Callable[[], GpuMemory]) -> None:
         """Export the CUDA memory that ``read`` gives: (allocated, reserved, peak)."""
         self.registry.register(_GpuMemory(read))
 

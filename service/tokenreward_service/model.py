@@ -223,13 +223,8 @@ class RewardModel:
         ):
             scored = self.score_batch(sequences, prompt_lens)
             return lambda: scored
-        lengths = [len(seq) for seq in sequences]
         try:
-            input_ids, attention_mask = right_pad(sequences)
-            scores = self.score_padded(
-                input_ids.to(self._device, non_blocking=True),
-                attention_mask.to(self._device, non_blocking=True),
-            )
+            scores, computed = self._padded_on_device(sequences)
             host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
             host.copy_(scores, non_blocking=True)
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -238,14 +233,13 @@ class RewardModel:
             torch.cuda.empty_cache()
             split = self.score_batch(sequences, prompt_lens)
             return lambda: split
-        computed = int(input_ids.numel())
 
         def wait() -> BatchScores:
             done.synchronize()
             return BatchScores(
-                scores=[host[row, :n] for row, n in enumerate(lengths)],
+                scores=_rows(host, sequences),
                 computed_tokens=computed,
-                real_tokens=sum(lengths),
+                real_tokens=sum(len(seq) for seq in sequences),
                 shared_items=0,
             )
 
@@ -296,13 +290,18 @@ class RewardModel:
     def _score_padded_batch(
         self, sequences: Sequence[Sequence[int]]
     ) -> tuple[list[torch.Tensor], int]:
-        lengths = [len(seq) for seq in sequences]
+        scores, computed = self._padded_on_device(sequences)
+        return _rows(scores.cpu(), sequences), computed
+
+    def _padded_on_device(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
+        """``[B, longest]`` scores of the right-padded batch, left on the device (on CUDA the
+        kernels may still be running), and the positions computed."""
         input_ids, attention_mask = right_pad(sequences)
         scores = self.score_padded(
             input_ids.to(self._device, non_blocking=True),
             attention_mask.to(self._device, non_blocking=True),
-        ).cpu()
-        return [scores[row, :n] for row, n in enumerate(lengths)], int(input_ids.numel())
+        )
+        return scores, int(input_ids.numel())
 
     def _can_share(self, sequences: Sequence[Sequence[int]]) -> bool:
         """Sharing needs the decoder's cache (not with an adapter), and runs a prompt in one
@@ -357,6 +356,11 @@ class RewardModel:
             r = len(sequences[index]) - p
             out[index] = torch.cat([prompt_scores[g, :p], response_scores[row, :r]])
         return out, int(prompt_ids.numel() + response_ids.numel())
+
+
+def _rows(scores: torch.Tensor, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Each sequence's own positions of a right-padded ``[B, longest]`` batch."""
+    return [scores[row, : len(seq)] for row, seq in enumerate(sequences)]
 
 
 MIN_SHARED_PROMPT = 8

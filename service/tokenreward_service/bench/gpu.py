@@ -117,54 +117,48 @@ def _sync(device: torch.device) -> None:
 
 
 def _serve_in_thread(model: Any, batching: Literal["on", "off"] = "on") -> tuple[str, Any]:
-    import uvicorn
-
     from tokenreward_service.app import create_app
     from tokenreward_service.config import Settings
 
     app = create_app(Settings(max_batch_tokens=65536, batching=batching), model=model)
+    return _serve_app_in_thread(app)
+
+
+def engine_model(name: str, device: str) -> Any:
+    """The shape's random-weight RM, built in an engine process (the same seed, so the same
+    weights as the one served in this process)."""
+    return random_rm(name, torch.device(device))[1]
+
+
+def _serve_engine_in_thread(name: str, device: torch.device) -> tuple[str, Any]:
+    """The service as ``tokenreward serve`` runs a model on an accelerator: the batcher and
+    the model in an engine process of their own, HTTP in this one; returns once it is ready."""
+    import functools
+
+    from tokenreward_service.app import create_app
+    from tokenreward_service.config import Settings
+
+    settings = Settings(max_batch_tokens=65536, engine_process="on")
+    app = create_app(settings, engine_factory=functools.partial(engine_model, name, str(device)))
+    url, server = _serve_app_in_thread(app)
+    state = app.state.tokenreward
+    while state.load_error is None and not state.ready:
+        time.sleep(0.1)  # the engine builds its model
+    if state.load_error is not None:
+        raise RuntimeError(f"the engine process failed: {state.load_error}")
+    return url, server
+
+
+def _serve_app_in_thread(app: Any) -> tuple[str, Any]:
+    """A uvicorn for ``app`` on a free port of 127.0.0.1, in a daemon thread, once listening."""
+    import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     return f"http://127.0.0.1:{port}", server
-
-
-def engine_model(name: str, device: str) -> Any:
-    """The shape's random-weight RM, built in an engine process (the same seed, so the same
-    weights as the one served in this process)."""
-    from tokenreward_service.model import host_threads
-
-    _, model = random_rm(name, torch.device(device))
-    host_threads(model.spec)
-    return model
-
-
-def _serve_engine_in_thread(name: str, device: torch.device) -> tuple[str, Any]:
-    """The service as ``tokenreward serve`` runs a model on an accelerator: the batcher and
-    the model in an engine process of their own, HTTP in this one."""
-    import functools
-
-    import uvicorn
-
-    from tokenreward_service.app import create_app
-    from tokenreward_service.config import Settings
-
-    settings = Settings(max_batch_tokens=65536, engine_process="on")
-    factory = functools.partial(engine_model, name, str(device))
-    app = create_app(settings, engine_factory=factory)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    while app.state.tokenreward.load_error is None and not app.state.tokenreward.ready:
-        time.sleep(0.1)  # the engine builds its model
-    if app.state.tokenreward.load_error is not None:
-        raise RuntimeError(f"the engine process failed: {app.state.tokenreward.load_error}")
-    return url, server
 
 
 def _client_run(url: str, name: str, vocab_size: int, scale: float) -> dict[str, Any]:
